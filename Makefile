@@ -1,0 +1,40 @@
+# make demo : set-up + toy MDP pretraining (2 CPU processes, torchrun) + fine-tuning on toy Cityscapes
+# make test : set-up + the whole test suite
+PY   := .venv/bin/python
+RUN  := runs/demo
+TOY  := data/toy
+# one thread per process: the demo runs two torchrun workers on a 2-core machine
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test venv clean
+venv: .venv/.installed
+
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(TOY)/.written: .venv/.installed datasets.py
+	$(PY) datasets.py make-toy --root $(TOY)
+	touch $@
+
+# budget chosen so the whole demo fits in minutes on 2 CPU cores (see README, "Demo")
+PRETRAIN_FLAGS := --datasets voc ade20k --data-root $(TOY) --arch resnet14 --crop-size 96 96 \
+	--base-size 256 128 --batch-size 8 --iters 300 --optimizer adamw --lr 1e-3 --weight-decay 1e-4 \
+	--schedule cosine --min-lr 1e-5 --warmup-iters 20 --workers 0 --log-interval 10
+FINETUNE_FLAGS := --dataset cityscapes --data-root $(TOY) --crop-size 64 128 --base-size 256 128 \
+	--batch-size 8 --iters 300 --workers 0 --eval-interval 300
+
+demo: $(TOY)/.written
+	.venv/bin/torchrun --standalone --nproc_per_node=2 train_pretrain.py $(PRETRAIN_FLAGS) \
+		--out-dir $(RUN)/pretrain
+	$(PY) finetune.py --ckpt $(RUN)/pretrain/last.pth $(FINETUNE_FLAGS) --out-dir $(RUN)/ft_mdp
+	$(PY) finetune.py --ckpt none --arch resnet14 $(FINETUNE_FLAGS) --out-dir $(RUN)/ft_scratch
+	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp
+
+test: .venv/.installed
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs $(TOY)

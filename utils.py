@@ -1,0 +1,215 @@
+"""Run plumbing shared by train_pretrain.py and finetune.py: DDP set-up, checkpoints, logging, RNG.
+
+`python script.py` is one process; `torchrun --nproc_per_node=N script.py` gives DDP (env:// init,
+gloo on CPU, nccl on CUDA). Every collective is guarded so a single process never touches
+torch.distributed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+def dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist_on() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist_on() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device). Initialises the process group only under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist_on():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return get_rank(), get_world_size(), device
+
+
+def cleanup_distributed() -> None:
+    if dist_on():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist_on():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sums `t` over ranks in place (a no-op in one process) and returns it."""
+    if dist_on():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank says True (e.g. SIGTERM reached one of them)."""
+    t = torch.tensor([float(flag)], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors and command-line entry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not what the script expects."""
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Runs `main`; bad input ends with one `error: ...` line on stderr and exit code 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        msg = e.args[0] if e.args else repr(e)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Atomic write on rank 0: a crash mid-write never replaces the last good checkpoint."""
+    if not is_main():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    required: tuple[str, ...] = ("model",)) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many kinds for a truncated / foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project "
+                              f"(missing key(s) {missing})")
+    return state
+
+
+def save_config(args: Any, out_dir: str | Path) -> None:
+    if is_main():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(out_dir) / "config.json", "w") as f:
+            json.dump(vars(args), f, indent=2, default=str)
+
+
+class JsonlLogger:
+    """One JSON object per line; rank 0 only, flushed so a crash loses nothing."""
+
+    def __init__(self, path: str | Path):
+        self.file = open(path, "a") if is_main() else None
+
+    def log(self, **fields: Any) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(fields) + "\n")
+            self.file.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# randomness
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Different streams per rank (augmentation), identical model init (seeded before rank offset)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# schedules
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
+                    warmup_steps: int = 0, power: float = 0.9,
+                    min_lr: float = 1e-4) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then poly (MMSeg: (1 - t)^power down to min_lr) or cosine down to min_lr.
+
+    Stepped once per iteration. `min_lr` is absolute, as in MMSeg's poly policy.
+    """
+    if kind not in ("poly", "cosine"):
+        raise ValueError(f"unknown schedule {kind!r}; expected 'poly' or 'cosine'")
+    base_lr = optimizer.param_groups[0]["lr"]
+    floor = min(min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        decay = (1 - t) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * t))
+        return floor + (1 - floor) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM
+
+
+class StopFlag:
+    """Set by SIGTERM (cluster pre-emption): the training loop saves a checkpoint and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
