@@ -32,8 +32,7 @@ _DILATION = {8: [False, True, True], 16: [False, False, True]}
 
 
 def build_resnet(arch: str = "resnet50", output_stride: int = 8) -> ResNet:
-    """A randomly initialised torchvision ResNet (M2: trained from scratch). fc is kept, unused, so
-    that the state_dict key names are exactly torchvision's."""
+    """A randomly initialised torchvision ResNet (M2: trained from scratch), torchvision's key names."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     if output_stride not in _DILATION:
@@ -49,6 +48,9 @@ class MDPNet(nn.Module):
                  num_classes: int = 0):
         super().__init__()
         self.backbone = build_resnet(arch, output_stride)
+        # the classifier of the ImageNet task is not part of this network: an unused parameter
+        # would also stall DDP's gradient reduction
+        self.backbone.fc = nn.Identity()
         width = 512 * Bottleneck.expansion  # 2048 for every Bottleneck ResNet
         self.head = nn.Sequential(
             nn.Conv2d(width, width, 1, bias=False),  # no bias: BN follows
@@ -61,7 +63,7 @@ class MDPNet(nn.Module):
         self.embed_dim = embed_dim
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.backbone  # stem + layer1..4; avgpool/fc are never used
+        b = self.backbone  # stem + layer1..4; avgpool is never used
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))  # (B, 64, H/4, W/4)
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))  # (B, 2048, H/s, W/s)
 

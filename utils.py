@@ -6,6 +6,7 @@ torch.distributed.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import random
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -83,6 +84,13 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not what the script expects."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the full usage stays available through --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_cli(main: Callable[[], Any]) -> None:

@@ -1,0 +1,130 @@
+"""train_pretrain.py run as a user runs it: subprocesses on the toy data (tiny budget)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet14", "--crop-size", "32", "32", "--base-size", "64", "32",
+        "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0",
+        "--log-interval", "1", "--bank-size", "8", "--embed-dim", "16"]
+
+
+def run(args: list[str], torchrun: int = 0, **kw) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launcher + [str(ROOT / "train_pretrain.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_process_torchrun(toy_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    r = run(["--datasets", "voc", "ade20k", "--data-root", str(toy_root), "--iters", "3",
+             "--out-dir", str(out), *TINY], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = load(out / "last.pth")
+    assert ckpt["step"] == 3 and ckpt["task"] == "pretrain"
+    # both ranks' hard-labelled pixels reached the bank: every class it holds was seen, and the
+    # label space is VOC (21) + ADE20K (150)
+    assert ckpt["bank"]["count"].shape == (171,) and ckpt["bank"]["count"].sum() > 0
+    assert ckpt["label_space"]["names"] == ["voc", "ade20k"]
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # rank 0 only writes the log
+    assert (out / "config.json").exists()
+
+
+def test_sigterm_then_resume_is_bit_for_bit(toy_root: Path, tmp_path: Path) -> None:
+    common = ["--datasets", "voc", "ade20k", "--data-root", str(toy_root), "--iters", "8", *TINY]
+    ref = tmp_path / "ref"
+    assert run(common + ["--out-dir", str(ref)]).returncode == 0
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_pretrain.py"), *common,
+                             "--out-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it was interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped_at = load(out / "last.pth")["step"]
+    assert 2 <= stopped_at < 8, stdout
+
+    r = run(common + ["--out-dir", str(out), "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'last.pth'} at step {stopped_at}" in r.stdout
+    a, b = load(ref / "last.pth"), load(out / "last.pth")
+    assert a["step"] == b["step"] == 8
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["bank"], b["bank"])
+
+
+def one_error_line(r: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "%|" not in l]  # minus tqdm bars
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stderr.rstrip().endswith(lines[0])  # the last thing the user sees
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_inputs_fail_with_one_line(toy_root: Path, tmp_path: Path) -> None:
+    base = ["--data-root", str(toy_root), "--iters", "1", "--out-dir", str(tmp_path / "x"), *TINY]
+    one_error_line(run(["--datasets", "voc", "pascal", *base]), "pascal", "voc")
+    one_error_line(run(["--datasets", "voc", *base[:1], str(tmp_path / "nowhere"), *base[2:]]),
+                   "nowhere")
+    one_error_line(run(["--datasets", "voc", "--tau", "-1", *base]), "--tau")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    one_error_line(run(["--datasets", "voc", "--resume", str(garbage), *base]), str(garbage))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    one_error_line(run(["--datasets", "voc", "--resume", str(foreign), *base]), str(foreign))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy_root: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    # a constant learning rate this large overflows the weights within a few steps
+    r = run(["--datasets", "voc", "--data-root", str(toy_root), "--out-dir", str(out), *TINY,
+             "--iters", "8", "--save-interval", "1", "--method", "ce", "--optimizer", "sgd",
+             "--lr", "1e30", "--schedule", "cosine", "--min-lr", "1e30"])
+    one_error_line(r, "non-finite", str(out / "last.pth"))
+    kept = load(out / "last.pth")
+    assert 1 <= kept["step"] < 8
+    for k, v in kept["model"].items():
+        assert torch.isfinite(v.float()).all(), k
+
+
+def test_show_batch_writes_png(toy_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "show"
+    r = run(["--datasets", "voc", "ade20k", "--data-root", str(toy_root), "--show-batch", "4",
+             "--out-dir", str(out), *TINY])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+    img = Image.open(out / "batch.png")
+    assert img.size[0] > 2 * 32 and img.size[1] > 4 * 32  # 2 columns x 4 rows of 32 px tiles
+    assert not (out / "last.pth").exists()  # --show-batch does not train

@@ -1,0 +1,370 @@
+"""MDP pretraining (M1-M8): one process with `python`, DDP with `torchrun`.
+
+    python train_pretrain.py --datasets voc ade20k --data-root data
+    torchrun --nproc_per_node=8 train_pretrain.py --datasets voc ade20k --data-root data
+
+One step (M7):  mix the batch (M6) -> embed (M2) -> update the prototype bank from the hard-labelled
+pixels of the whole global batch (M3) -> L = L_con (M4) + csc_weight * L_csc (M5).
+`--method ce|multihead|pix2pix` trains the M8 baselines with the same data, network and schedule.
+
+Randomness is keyed, not streamed: augmentation by (seed, epoch, sample index), mixing and pixel
+sampling by (seed, rank, step). So `--resume` continues bit-for-bit (on CPU) whatever the number of
+data-loader workers and wherever the run was interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import utils
+from datasets import IGNORE, DatasetMixSampler, LabelSpace, MultiDataset, build_reader, train_transform
+from losses import (ce_loss, csc_loss, downsample_labels, multihead_loss, pix2pix_loss,
+                    prototype_contrast_loss)
+from mdp import ARCHS, MDPNet, init_from_imagenet
+from mixing import hard_labels, mix_batch
+from prototypes import PrototypeBank
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = utils.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data (M1)
+    p.add_argument("--datasets", nargs="+", default=["voc", "ade20k"],
+                   help="voc ade20k cityscapes coco_stuff folder:PATH; label spaces concatenated")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--dataset-weights", nargs="+", type=float, default=None,
+                   help="sampling weight per dataset (default: in proportion to size)")
+    p.add_argument("--base-size", nargs=2, type=int, default=[2048, 512], metavar=("W", "H"))
+    p.add_argument("--crop-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
+    # network (M2)
+    p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
+    p.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--init", default=None,
+                   help="imagenet:PATH (torchvision ResNet weights) or PATH (a pretraining "
+                        "checkpoint: sequential baseline)")
+    # method (M3-M8)
+    p.add_argument("--method", default="mdp", choices=["mdp", "ce", "multihead", "pix2pix"])
+    p.add_argument("--tau", type=float, default=0.07)
+    p.add_argument("--bank-size", type=int, default=1024)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--csc-weight", type=float, default=0.1)
+    p.add_argument("--no-csc", action="store_true")
+    p.add_argument("--mix", default=None, choices=["none", "region", "pixel", "both"],
+                   help="cross-dataset mixing (default: both for mdp, none for the baselines)")
+    p.add_argument("--max-pixels", type=int, default=0,
+                   help="labelled pixels sampled per image for the loss (0 = all; pix2pix: 1024)")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--iters", type=int, default=0, help="total steps; overrides --epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="images per process")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", default="poly", choices=["poly", "cosine"])
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    # run
+    p.add_argument("--out-dir", default="runs/pretrain")
+    p.add_argument("--resume", default=None, help="PATH, or 'auto' for OUT_DIR/last.pth if present")
+    p.add_argument("--save-interval", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--log-interval", type=int, default=20)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="CUDA only")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP on CUDA")
+    p.add_argument("--show-batch", type=int, default=0, metavar="N",
+                   help="write OUT_DIR/batch.png with N augmented, mixed images and exit")
+    args = p.parse_args(argv)
+    if args.mix is None:
+        args.mix = "both" if args.method == "mdp" else "none"
+    if args.method == "pix2pix" and args.max_pixels == 0:
+        args.max_pixels = 1024  # all-pairs within an image is quadratic in pixels
+    for name, value in (("--batch-size", args.batch_size), ("--bank-size", args.bank_size),
+                        ("--topk", args.topk), ("--embed-dim", args.embed_dim)):
+        if value < 1:
+            p.error(f"{name} must be >= 1, got {value}")
+    if args.tau <= 0:
+        p.error(f"--tau must be > 0, got {args.tau}")
+    if args.dataset_weights is not None and len(args.dataset_weights) != len(args.datasets):
+        p.error(f"--dataset-weights needs one weight per dataset ({len(args.datasets)}), "
+                f"got {len(args.dataset_weights)}")
+    return args
+
+
+class KeyedAugmentation(Dataset):
+    """Seeds the augmentation of sample i in epoch e from (seed, e, i) alone (see module doc)."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**63)
+            return self.dataset[i]
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """CPU generator for the mixing / pixel-sampling draws of one step on one rank."""
+    return torch.Generator().manual_seed(hash((seed, rank, step)) % 2**63)  # int tuples hash stably
+
+
+def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Keeps at most `max_pixels` random valid pixels per image (M4 --max-pixels).
+
+    valid: (B, P) bool -> (B, P) bool subset.
+    """
+    if max_pixels <= 0 or max_pixels >= valid.shape[1]:
+        return valid
+    score = torch.rand(valid.shape, generator=gen).to(valid.device)
+    score = score.masked_fill(~valid, -1.0)
+    top = score.topk(max_pixels, dim=1).indices  # (B, max_pixels)
+    keep = torch.zeros_like(valid).scatter_(1, top, True)
+    return keep & valid
+
+
+def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
+                 w: torch.Tensor, bank: PrototypeBank | None, class_dataset: torch.Tensor,
+                 gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution."""
+    size = out.shape[-2:]
+    y_a, y_b = downsample_labels(y_a, size), downsample_labels(y_b, size)  # (B, h, w)
+    w = downsample_labels(w, size)
+    hard = hard_labels(y_a, y_b, w)  # (B, h, w): mixed pixels -> IGNORE
+    if args.method == "pix2pix":
+        loss = pix2pix_loss(out, hard, tau=args.tau, max_pixels=args.max_pixels, generator=gen)
+        return loss, {"loss": loss.item()}
+    if bank is not None:
+        bank.update(out.detach(), hard)  # M3: before this step's loss
+    B, K = out.shape[:2]
+    feats = out.permute(0, 2, 3, 1).reshape(B, -1, K)  # (B, h*w, K)
+    valid = (y_a.flatten(1) != IGNORE) | (y_b.flatten(1) != IGNORE)  # (B, h*w)
+    keep = sample_pixels(valid, args.max_pixels, gen).flatten()  # (B*h*w,)
+    feats = feats.reshape(-1, K)[keep]  # (N, K)
+    y_a, y_b, w, hard = (t.flatten()[keep] for t in (y_a, y_b, w, hard))  # (N,)
+    if args.method == "ce":
+        loss = ce_loss(feats, y_a, y_b, w)
+        return loss, {"loss": loss.item()}
+    if args.method == "multihead":
+        loss = multihead_loss(feats, y_a, y_b, w, class_dataset)
+        return loss, {"loss": loss.item()}
+    protos, filled = bank.prototypes, bank.filled
+    loss_con = prototype_contrast_loss(feats, protos, filled, y_a, y_b, w, tau=args.tau)
+    if args.no_csc:
+        return loss_con, {"loss": loss_con.item(), "con": loss_con.item()}
+    loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=args.tau, topk=args.topk)
+    loss = loss_con + args.csc_weight * loss_csc
+    return loss, {"loss": loss.item(), "con": loss_con.item(), "csc": loss_csc.item()}
+
+
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> MDPNet:
+    with_classifier = args.method in ("ce", "multihead")
+    model = MDPNet(args.arch, args.output_stride, args.embed_dim,
+                   num_classes=num_classes if with_classifier else 0)
+    if args.init and args.init.startswith("imagenet:"):
+        init_from_imagenet(model, args.init.split(":", 1)[1])
+    elif args.init:  # sequential baseline: every tensor of the previous stage whose shape fits
+        prev = utils.load_checkpoint(args.init)["model"]
+        own = model.state_dict()
+        fit = {k: v for k, v in prev.items() if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("backbone.") for k in fit):
+            raise utils.CheckpointError(f"--init {args.init}: no backbone tensor fits {args.arch}")
+        model.load_state_dict(fit, strict=False)
+        if utils.is_main():
+            print(f"initialised {len(fit)}/{len(own)} tensors from {args.init}")
+    return model.to(device)
+
+
+def build_data(args: argparse.Namespace) -> MultiDataset:
+    readers = [build_reader(name, args.data_root, "train") for name in args.datasets]
+    transform = train_transform(tuple(args.base_size), tuple(args.crop_size))
+    return MultiDataset(readers, transform)
+
+
+def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
+    """Writes OUT_DIR/batch.png: N augmented, mixed images beside their label overlays (M6 made
+    visible: region boxes drawn in white, pixel-level "intermediate class" areas hatched)."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid, save_image
+
+    from datasets import denormalize
+    from mixing import REGION
+
+    n = args.show_batch
+    sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, 1, 0, seed=args.seed)
+    loader = DataLoader(KeyedAugmentation(dataset, args.seed, 0), batch_size=n,
+                        sampler=list(sampler)[:n], num_workers=0)
+    images, labels, didx = next(iter(loader))
+    images, y_a, _, w, info = mix_batch(images, labels, didx, args.mix,
+                                        step_generator(args.seed, 0, 0), return_info=True)
+    gen = torch.Generator().manual_seed(0)  # fixed, distinct colours per global class
+    colours = torch.randint(40, 256, (dataset.label_space.num_classes, 3), generator=gen).tolist()
+    tiles = []
+    for i, img in enumerate(denormalize(images)):
+        img8 = (img * 255).round().to(torch.uint8)  # (3, H, W)
+        present = [c for c in y_a[i].unique().tolist() if c != IGNORE]
+        masks = torch.stack([y_a[i] == c for c in present]) if present else \
+            torch.zeros(0, *y_a.shape[1:], dtype=torch.bool)
+        over = draw_segmentation_masks(img8, masks, alpha=0.6,
+                                       colors=[tuple(colours[c]) for c in present])
+        ys, xs = torch.meshgrid(torch.arange(w.shape[1]), torch.arange(w.shape[2]), indexing="ij")
+        hatch = (w[i] < 1) & ((ys + xs) % 4 == 0)  # (H, W) intermediate-class pixels
+        over = torch.where(hatch, torch.full_like(over, 255), over)
+        if info["mode"][i] == REGION:
+            over = draw_bounding_boxes(over, info["boxes"][i:i + 1], colors="white", width=1)
+        tiles += [img8, over]
+    grid = make_grid(torch.stack(tiles).float() / 255, nrow=2, padding=2, pad_value=1.0)
+    out = Path(args.out_dir) / "batch.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, out)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
+    rank, world, device = utils.init_distributed()
+    out_dir = Path(args.out_dir)
+    dataset = build_data(args)
+    label_space: LabelSpace = dataset.label_space
+    if args.show_batch:
+        if utils.is_main():
+            show_batch(args, dataset)
+        return utils.cleanup_distributed()
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args, label_space.num_classes, device)
+    bank = None
+    if args.method == "mdp":
+        bank = PrototypeBank(label_space.num_classes, args.embed_dim, args.bank_size).to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+        if args.sync_bn and world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 \
+        else model
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay, foreach=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
+                                      weight_decay=args.weight_decay, foreach=True)
+
+    sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, world, rank, seed=args.seed)
+    iters_per_epoch = len(sampler) // args.batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"{sum(dataset.sizes)} training images cannot fill one batch of "
+                         f"{args.batch_size} on each of {world} process(es)")
+    total = args.iters or args.epochs * iters_per_epoch
+    scheduler = utils.build_scheduler(optimizer, args.schedule, total, args.warmup_iters,
+                                      min_lr=args.min_lr)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    use_amp = use_cuda and amp_dtype is not None
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+    step = 0
+    resume = args.resume
+    if resume == "auto":  # pre-emptible jobs: resume if a checkpoint exists, else start
+        resume = out_dir / "last.pth" if (out_dir / "last.pth").is_file() else None
+    if resume:
+        ckpt = utils.load_checkpoint(resume, map_location=device)
+        if ckpt.get("task") != "pretrain":
+            raise utils.CheckpointError(f"{resume} is not a pretraining checkpoint")
+        if ckpt["label_space"] != label_space.state_dict():
+            raise utils.CheckpointError(f"{resume} was trained on {ckpt['label_space']['names']}, "
+                                        f"not {label_space.names}")
+        model.load_state_dict(ckpt["model"])
+        if bank is not None:
+            bank.load_state_dict(ckpt["bank"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        utils.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        if utils.is_main():
+            print(f"resumed from {resume} at step {step}")
+    utils.save_config(args, out_dir)
+    logger = utils.JsonlLogger(out_dir / "log.jsonl")
+    class_dataset = label_space.class_dataset.to(device)
+    stop = utils.StopFlag()
+
+    def checkpoint() -> None:
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values()
+                   if t.is_floating_point()):  # never overwrite the last good checkpoint
+            raise ValueError(f"weights became non-finite at step {step}; the last good "
+                             f"checkpoint {out_dir / 'last.pth'} is left as it was")
+        utils.save_checkpoint({
+            "task": "pretrain", "model": model.state_dict(),
+            "bank": bank.state_dict() if bank is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "rng": utils.rng_state(),
+            "label_space": label_space.state_dict(), "args": vars(args)}, out_dir / "last.pth")
+
+    if utils.is_main():
+        print(f"{args.method} on {label_space.names}: C={label_space.num_classes} classes, "
+              f"{sum(dataset.sizes)} images, {world} process(es) x {args.batch_size}, "
+              f"{total} steps ({iters_per_epoch}/epoch) on {device}")
+    with tqdm(total=total, initial=step, disable=not utils.is_main(), dynamic_ncols=True) as bar:
+        ddp.train()
+        t0, seen = time.time(), 0
+        while step < total:
+            epoch, first = divmod(step, iters_per_epoch)
+            sampler.set_epoch(epoch)
+            indices = list(sampler)[first * args.batch_size: iters_per_epoch * args.batch_size]
+            loader = DataLoader(KeyedAugmentation(dataset, args.seed, epoch), args.batch_size,
+                                sampler=indices, num_workers=args.workers, pin_memory=use_cuda,
+                                drop_last=True, persistent_workers=False)
+            for images, labels, didx in loader:
+                gen = step_generator(args.seed, rank, step)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                images, y_a, y_b, w = mix_batch(images, labels, didx.to(device), args.mix, gen)
+                if use_cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+                    out = ddp(images)
+                loss, parts = compute_loss(args, out.float(), y_a, y_b, w, bank, class_dataset, gen)
+                finite = torch.isfinite(loss.detach()).float()
+                if utils.all_reduce_sum(finite).item() < world:
+                    raise ValueError(f"loss became non-finite at step {step} ({parts}); the last good "
+                                     f"checkpoint {out_dir / 'last.pth'} is left as it was")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                seen += images.shape[0] * world
+                bar.update(1)
+                if step % args.log_interval == 0 or step == total:
+                    ips = seen / (time.time() - t0)
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                    logger.log(step=step, epoch=epoch, lr=lr, img_per_s=ips, **parts)
+                preempted = utils.broadcast_flag(stop.requested, device)
+                if step % args.save_interval == 0 or step == total or preempted:
+                    checkpoint()
+                if preempted:
+                    if utils.is_main():
+                        print(f"\nSIGTERM: saved {out_dir / 'last.pth'} at step {step}; "
+                              f"continue with --resume auto")
+                    return utils.cleanup_distributed()
+                if step >= total:
+                    break
+    if utils.is_main():
+        print(f"done: {out_dir / 'last.pth'} (export the backbone with "
+              f"`python mdp.py export --ckpt {out_dir / 'last.pth'} --out resnet50_mdp.pth`)")
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
