@@ -1,0 +1,535 @@
+"""Fine-tuning and evaluation on a pretrained backbone (METHOD.md M9).
+
+    python finetune.py --ckpt runs/pretrain/last.pth --dataset voc --data-root data
+    torchrun --nproc_per_node=8 finetune.py --ckpt imagenet:resnet50.pth --dataset ade20k
+    python finetune.py --ckpt runs/finetune/last.pth --eval-only   # re-evaluates a fine-tuned model
+
+torchvision DeepLabV3 (or FCN) on a dilated ResNet (output stride 8), no auxiliary head; only the
+backbone comes from the checkpoint (M2). The heads are torchvision's (ASPP 256 channels), not
+MMSeg's (512), so absolute numbers may differ slightly from the source's. MMSegmentation's recipe
+per dataset (RECIPES), every value overridable by a flag; --eval-only and --resume take the
+unset flags from the fine-tuning checkpoint. mIoU (M9): one confusion matrix over the whole validation set, summed over
+ranks with no padded duplicates; IoU_c = TP / (TP + FP + FN); a class absent from both ground truth
+and prediction is NaN and left out of the mean; IGNORE pixels never count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.fcn import FCN, FCNHead
+from tqdm import tqdm
+
+import utils
+from datasets import (IGNORE, DatasetMixSampler, MultiDataset, build_reader, denormalize,
+                      eval_transform, train_transform)
+from mdp import ARCHS, backbone_state_dict, build_resnet, init_from_imagenet, load_backbone
+
+# M9 / MMSegmentation schedules: iterations, crop (H, W), base scale (W, H), total batch.
+RECIPES = {
+    "voc": dict(iters=40_000, crop_size=[512, 512], base_size=[2048, 512], total_batch=16),
+    "ade20k": dict(iters=80_000, crop_size=[512, 512], base_size=[2048, 512], total_batch=16),
+    "cityscapes": dict(iters=40_000, crop_size=[512, 1024], base_size=[2048, 1024], total_batch=8),
+    "coco_stuff": dict(iters=80_000, crop_size=[512, 512], base_size=[2048, 512], total_batch=16),
+}
+# Taken from a fine-tuning checkpoint (--eval-only / --resume) when the flag is not given;
+# the first four define the network and must agree with it.
+INHERITED = ("dataset", "model", "arch", "output_stride", "iters", "crop_size", "base_size",
+             "batch_size", "eval_interval", "sliding_window", "window", "stride")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of a usage dump (bad-input rule)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", help="PATH (pretraining or fine-tuning checkpoint), none, or "
+                                  "imagenet:PATH (torchvision ResNet state_dict)")
+    p.add_argument("--dataset", help="voc ade20k cityscapes coco_stuff folder:PATH")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--model", choices=["deeplabv3", "fcn"], help="default deeplabv3")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="default: the checkpoint's, else resnet50")
+    p.add_argument("--output-stride", type=int, choices=[8, 16], help="default 8")
+    p.add_argument("--iters", type=int, help="default: the dataset's recipe")
+    p.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--base-size", type=int, nargs=2, metavar=("W", "H"),
+                   help="rescale base scale (MMSeg img_scale), train and eval")
+    p.add_argument("--batch-size", type=int, help="per process (default: recipe total / world)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--power", type=float, default=0.9, help="poly schedule exponent")
+    p.add_argument("--eval-interval", type=int, help="steps between evaluations (default iters/10)")
+    p.add_argument("--log-interval", type=int, default=20)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out-dir", help="default runs/finetune; with --eval-only CKPT_DIR/eval")
+    p.add_argument("--resume", help="a fine-tuning checkpoint (last.pth) to continue")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--sliding-window", action=argparse.BooleanOptionalAction,
+                   help="MMSeg 'slide' inference (default: whole image)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="default: crop size")
+    p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="default: 2/3 window")
+    p.add_argument("--num-overlays", type=int, default=4, help="prediction PNGs at the final eval")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="SyncBatchNorm (default on under DDP on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def resolve_args(args: argparse.Namespace, prev: dict | None, pre_arch: str | None,
+                 world: int) -> None:
+    """Fills unset flags from `prev` (a fine-tuning run's args), then the recipe; checks values."""
+    for k in INHERITED:
+        if prev is None or k not in prev:
+            continue
+        if getattr(args, k) is None:
+            setattr(args, k, prev[k])
+        elif k in INHERITED[:4] and getattr(args, k) != prev[k]:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} disagrees with the "
+                             f"checkpoint's {prev[k]}")
+    if pre_arch is not None and args.arch not in (None, pre_arch):
+        raise ValueError(f"--arch {args.arch} disagrees with the checkpoint's arch {pre_arch}")
+    if args.dataset is None:
+        raise ValueError("--dataset is required (voc, ade20k, cityscapes, coco_stuff, folder:PATH)")
+    recipe = RECIPES.get(args.dataset, RECIPES["voc"])  # folder:PATH datasets get the VOC recipe
+    defaults = dict(model="deeplabv3", arch=pre_arch or "resnet50", output_stride=8,
+                    iters=recipe["iters"], crop_size=recipe["crop_size"],
+                    base_size=recipe["base_size"], sliding_window=False)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.batch_size is None:
+        if recipe["total_batch"] % world:
+            raise ValueError(f"total batch {recipe['total_batch']} does not split over {world} "
+                             f"processes; give --batch-size (per process)")
+        args.batch_size = recipe["total_batch"] // world
+    if args.eval_interval is None:
+        args.eval_interval = max(args.iters // 10, 1)  # MMSeg: 4k of 40k
+    args.window = args.window or args.crop_size
+    args.stride = args.stride or [max(w * 2 // 3, 1) for w in args.window]  # MMSeg 512 -> 341
+    for name in ("iters", "batch_size", "eval_interval", "log_interval", "crop_size", "base_size",
+                 "window", "stride"):
+        v = getattr(args, name)
+        if min(v if isinstance(v, list) else [v]) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.lr <= 0 or args.workers < 0 or args.num_overlays < 0:
+        raise ValueError("--lr must be > 0, --workers and --num-overlays >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# model and checkpoints
+
+
+def build_model(name: str, arch: str, num_classes: int, output_stride: int = 8) -> nn.Module:
+    """torchvision DeepLabV3 / FCN on mdp.build_resnet, no auxiliary head (M9).
+    Returns {"out": logits (B, K, H, W)} at the input size."""
+    resnet = build_resnet(arch, output_stride)
+    width = resnet.fc.in_features  # 2048 for every Bottleneck ResNet
+    backbone = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})  # drops avgpool, fc
+    if name == "fcn":
+        return FCN(backbone, FCNHead(width, num_classes), None)
+    return DeepLabV3(backbone, DeepLabHead(width, num_classes), None)
+
+
+FINETUNE_KEYS = ("model", "optimizer", "scheduler", "step", "rng", "args", "class_names",
+                 "best_miou", "best_step")
+
+
+def read_init(spec: str) -> tuple[str, dict | None]:
+    """--ckpt -> (kind, checkpoint): kind is none | imagenet | pretrain | finetune."""
+    if spec == "none":
+        return "none", None
+    if spec.startswith("imagenet:"):
+        return "imagenet", None  # read by mdp.init_from_imagenet
+    state = utils.load_checkpoint(spec)
+    if state.get("task") != "finetune":
+        return "pretrain", state
+    missing = [k for k in FINETUNE_KEYS if k not in state]
+    if missing:
+        raise utils.CheckpointError(f"{spec}: incomplete fine-tuning checkpoint, missing {missing}")
+    return "finetune", state
+
+
+def load_init(model: nn.Module, spec: str, kind: str, state: dict | None) -> None:
+    """Backbone weights only (M2); refuses a checkpoint from which no backbone key loads."""
+    say = print if utils.is_main() else (lambda *a: None)
+    if kind == "none":
+        say("backbone: random initialisation (from scratch)")
+        return
+    if kind == "imagenet":
+        loaded, missing = init_from_imagenet(model, spec.split(":", 1)[1])
+        unexpected: list[str] = []
+    else:
+        try:
+            sd = backbone_state_dict(state)
+        except ValueError as e:
+            raise utils.CheckpointError(f"{spec}: {e}") from None
+        loaded, missing, unexpected = load_backbone(model.backbone, sd)
+        if not loaded:
+            raise utils.CheckpointError(f"{spec}: no backbone key matches a torchvision ResNet "
+                                        f"(e.g. 'conv1.weight'); nothing would be loaded")
+    total = len(model.backbone.state_dict())
+    say(f"backbone: loaded {len(loaded)}/{total} tensors from {spec}; missing {len(missing)} "
+        f"{missing[:3]}; unexpected {len(unexpected)} {unexpected[:3]}")
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """BN running stats drift apart per rank without SyncBN; evaluate rank 0's (the saved) ones."""
+    if utils.dist_on():
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
+class KeyedAugmentation(Dataset):
+    """Seeds sample i of epoch e from (seed, e, i): --resume replays the same crops."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**63)  # int tuples hash stably
+            return self.dataset[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# mIoU (M9)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64, rows = ground truth, columns = prediction; IGNORE (any label outside [0, K))
+    never counts."""
+    keep = (target >= 0) & (target < num_classes)
+    idx = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """IoU_c = TP / (TP + FP + FN), NaN where the class is in neither GT nor prediction;
+    mIoU = nanmean (NaN only when no class has a union)."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))  # (K,)
+    return iou, iou.nanmean().item()
+
+
+def slide_inference(model: nn.Module, image: torch.Tensor, window: list[int],
+                    stride: list[int]) -> torch.Tensor:
+    """MMSeg 'slide': window logits summed and divided by the window count per pixel.
+    image (1, 3, H, W) -> logits (1, K, H, W)."""
+    (hc, wc), (hs, ws), (H, W) = window, stride, image.shape[-2:]
+    out = count = None
+    for i in range(max(H - hc + hs - 1, 0) // hs + 1):
+        for j in range(max(W - wc + ws - 1, 0) // ws + 1):
+            y2, x2 = min(i * hs + hc, H), min(j * ws + wc, W)
+            y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)  # last window flush with the border
+            logits = model(image[..., y1:y2, x1:x2])["out"].float()  # (1, K, y2-y1, x2-x1)
+            if out is None:
+                out = logits.new_zeros(1, logits.shape[1], H, W)
+                count = logits.new_zeros(1, 1, H, W)
+            out[..., y1:y2, x1:x2] += logits
+            count[..., y1:y2, x1:x2] += 1
+    return out / count
+
+
+def save_overlay(path: Path, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor,
+                 num_classes: int) -> None:
+    """PNG: image | ground truth | prediction, palette colours over the image.
+    image (3, h, w) normalised; label, pred (H, W)."""
+    from torchvision.io import write_png
+    from torchvision.utils import draw_segmentation_masks, make_grid
+
+    from datasets import voc_palette
+
+    flat = voc_palette()  # 256 RGB triples, the PASCAL colour map
+    colours = [tuple(flat[3 * (c % 256): 3 * (c % 256) + 3]) for c in range(num_classes)]
+    img = F.interpolate(denormalize(image[None].float().cpu()), size=label.shape[-2:],
+                        mode="bilinear", align_corners=False)[0]
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
+
+    def paint(lab: torch.Tensor) -> torch.Tensor:
+        present = [c for c in lab.unique().tolist() if 0 <= c < num_classes]
+        if not present:
+            return img
+        masks = torch.stack([lab == c for c in present])  # (n, H, W) bool
+        return draw_segmentation_masks(img, masks, alpha=0.6, colors=[colours[c] for c in present])
+
+    grid = make_grid([img, paint(label.cpu()), paint(pred.cpu())], nrow=3, padding=2, pad_value=255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(grid, str(path))
+
+
+def predict(model: nn.Module, image: torch.Tensor, size: torch.Size, window: list[int] | None,
+            stride: list[int] | None, amp: bool = False) -> torch.Tensor:
+    """image (1, 3, h, w) -> class map (1, H, W) at `size`, the label's original size (M9)."""
+    with torch.autocast(image.device.type, dtype=torch.bfloat16,
+                        enabled=amp and image.device.type == "cuda"):
+        logits = slide_inference(model, image, window, stride) if window else model(image)["out"]
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device,
+             window: list[int] | None = None, stride: list[int] | None = None, amp: bool = False,
+             workers: int = 0, overlay_dir: Path | None = None, num_overlays: int = 0) -> dict:
+    """Whole-image (or sliding-window when `window` is set) inference over the full validation set.
+
+    Rank r takes images r, r + world, ... (no padded duplicates); batch 1 since sizes differ.
+    `model` must be the unwrapped module (DDP's forward would sync on uneven shards).
+    dataset[i] -> (image (3, h, w) normalised, label (H, W) int64 at original size, _).
+    Returns {"cm" (K, K) summed over ranks, "iou" (K,), "miou", "aacc"} identical on every rank.
+    """
+    rank, world = utils.get_rank(), utils.get_world_size()
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=1,
+                        num_workers=workers, generator=torch.Generator())  # spares the global RNG
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    with torch.random.fork_rng(devices=[]):  # eval transforms may draw: keep training's stream
+        for n, (image, label, _) in enumerate(tqdm(loader, desc="eval", leave=False,
+                                                   disable=not utils.is_main())):
+            image, label = image.to(device), label.to(device)  # (1, 3, h, w), (1, H, W)
+            pred = predict(model, image, label.shape[-2:], window, stride, amp)  # (1, H, W)
+            cm += confusion_matrix(pred, label, num_classes)
+            if overlay_dir is not None and n < num_overlays and utils.is_main():
+                save_overlay(overlay_dir / f"val_{n * world:05d}.png", image[0], label[0],
+                             pred[0], num_classes)
+    utils.all_reduce_sum(cm)
+    model.train(was_training)
+    cm = cm.cpu()
+    iou, miou = iou_from_confusion(cm)
+    aacc = (cm.diag().sum() / cm.sum().clamp(min=1)).item()
+    return {"cm": cm, "iou": iou, "miou": miou, "aacc": aacc}
+
+
+def summarise(metrics: dict, names: list[str], step: int) -> dict:
+    """Percent values, JSON-safe (absent classes -> null), as written to results.json."""
+    pct = lambda v: None if math.isnan(v) else 100 * v  # noqa: E731
+    return {"step": step, "mIoU": pct(metrics["miou"]), "aAcc": pct(metrics["aacc"]),
+            "IoU": {n: pct(v) for n, v in zip(names, metrics["iou"].tolist())}}
+
+
+def print_table(res: dict) -> None:
+    width = max(len(n) for n in res["IoU"])
+    print(f"{'class':<{width}}  IoU")
+    for name, v in res["IoU"].items():
+        print(f"{name:<{width}}  {'nan' if v is None else f'{v:.2f}'}")
+    print(f"mIoU {res['mIoU']:.2f}  aAcc {res['aAcc']:.2f}  (step {res['step']})")
+
+
+def write_results(res: dict, out_dir: Path) -> None:
+    if utils.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(res, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def open_checkpoints(args: argparse.Namespace) -> tuple[str, dict | None]:
+    """--resume / --ckpt / --eval-only -> (kind, checkpoint) with the combinations checked."""
+    if args.eval_only and args.resume:
+        raise ValueError("--eval-only and --resume exclude each other")
+    if args.resume:  # the whole run comes back; --ckpt only names its initialisation
+        kind, state = read_init(args.resume)
+        if kind != "finetune":
+            raise utils.CheckpointError(f"--resume {args.resume} is not a fine-tuning checkpoint")
+        args.ckpt = args.ckpt or state["args"].get("ckpt")
+        return kind, state
+    if args.ckpt is None:
+        raise ValueError("--ckpt is required: PATH, none or imagenet:PATH")
+    kind, state = read_init(args.ckpt)
+    if args.eval_only and kind != "finetune":
+        raise utils.CheckpointError(f"--eval-only needs a fine-tuning checkpoint (task 'finetune'),"
+                                    f" got --ckpt {args.ckpt}")
+    return kind, state
+
+
+def load_finetuned(model: nn.Module, state: dict, names: list[str], where: str) -> None:
+    if state["class_names"] != names:
+        raise utils.CheckpointError(f"{where} was fine-tuned on other classes than the "
+                                    f"{len(names)} of this dataset")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise utils.CheckpointError(f"{where} does not fit the model: "
+                                    f"{str(e).splitlines()[0]}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
+    _, world, device = utils.init_distributed()
+    kind, state = open_checkpoints(args)
+    restored = args.eval_only or bool(args.resume)  # the whole fine-tuned model comes back
+    ckpt_args = (state or {}).get("args")
+    ckpt_args = ckpt_args if isinstance(ckpt_args, dict) else {}
+    resolve_args(args, ckpt_args if restored else None,
+                 None if restored else ckpt_args.get("arch"), world)
+    val_reader = build_reader(args.dataset, args.data_root, "val")
+    names = list(val_reader.classes)
+    val_set = MultiDataset([val_reader], eval_transform(tuple(args.base_size)))
+
+    torch.manual_seed(args.seed)  # identical head initialisation on every rank
+    model = build_model(args.model, args.arch, len(names), args.output_stride)
+    utils.seed_everything(args.seed, utils.get_rank())  # then per-rank streams (dropout)
+    if restored:
+        load_finetuned(model, state, names, args.resume or args.ckpt)
+    else:
+        load_init(model, args.ckpt, kind, state)
+    model.to(device)
+    if args.eval_only:
+        out_dir = Path(args.out_dir or Path(args.ckpt).parent / "eval")
+        res = summarise(evaluate(model, val_set, len(names), device, **eval_options(args),
+                                 overlay_dir=out_dir / "overlays",
+                                 num_overlays=args.num_overlays), names, state["step"])
+        if utils.is_main():
+            print_table(res)
+            if state.get("miou") is not None:
+                print(f"mIoU recorded in the checkpoint: {100 * state['miou']:.2f}")
+        write_results(res, out_dir)
+    else:
+        train(args, model, val_set, names, device, state if args.resume else None)
+    utils.cleanup_distributed()
+
+
+def eval_options(args: argparse.Namespace) -> dict:
+    slide = dict(window=args.window, stride=args.stride) if args.sliding_window else {}
+    return dict(amp=args.amp, workers=args.workers, **slide)
+
+
+def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: list[str],
+          device: torch.device, prev: dict | None) -> None:
+    """SGD + poly per iteration (M9); evaluation every --eval-interval steps and at the end,
+    last.pth then, best.pth on a new best mIoU; `prev` is the checkpoint of --resume."""
+    rank, world = utils.get_rank(), utils.get_world_size()
+    out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else "runs/finetune"))
+    train_set = MultiDataset([build_reader(args.dataset, args.data_root, "train")],
+                             train_transform(tuple(args.base_size), tuple(args.crop_size)))
+    use_cuda = device.type == "cuda"
+    if (args.sync_bn if args.sync_bn is not None else use_cuda) and world > 1:
+        if not use_cuda:
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ddp = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) \
+        if world > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = utils.build_scheduler(optimizer, "poly", args.iters, power=args.power,
+                                      min_lr=args.min_lr)
+    sampler = DatasetMixSampler([len(train_set)], None, world, rank, seed=args.seed)
+    per_epoch = len(sampler) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images cannot fill one batch of "
+                         f"{args.batch_size} on each of {world} process(es)")
+    step, best, best_step = 0, -1.0, -1
+    if prev is not None:
+        optimizer.load_state_dict(prev["optimizer"])
+        scheduler.load_state_dict(prev["scheduler"])
+        utils.set_rng_state(prev["rng"])
+        step, best, best_step = prev["step"], prev["best_miou"], prev["best_step"]
+    utils.save_config(args, out_dir)
+    logger = utils.JsonlLogger(out_dir / "log.jsonl")
+    stop = utils.StopFlag()
+
+    def checkpoint(path: Path, miou: float | None) -> None:
+        utils.save_checkpoint({
+            "task": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "rng": utils.rng_state(),
+            "args": vars(args), "class_names": names, "miou": miou, "best_miou": best,
+            "best_step": best_step}, path)
+
+    def validate() -> None:
+        nonlocal best, best_step
+        broadcast_buffers(model)
+        final = step == args.iters
+        metrics = evaluate(model, val_set, len(names), device, **eval_options(args),
+                           overlay_dir=out_dir / "overlays" if final else None,
+                           num_overlays=args.num_overlays)
+        res = summarise(metrics, names, step)
+        logger.log(step=step, mIoU=res["mIoU"], aAcc=res["aAcc"])
+        if metrics["miou"] > best:
+            best, best_step = metrics["miou"], step
+            checkpoint(out_dir / "best.pth", metrics["miou"])
+        checkpoint(out_dir / "last.pth", metrics["miou"])
+        write_results({**res, "best_mIoU": 100 * best, "best_step": best_step}, out_dir)
+        if utils.is_main():
+            bar.write(f"step {step}: mIoU {res['mIoU']:.2f} (best {100 * best:.2f})")
+            if final:
+                print_table(res)
+
+    if utils.is_main():
+        print(f"{'resuming at step %d: ' % step if step else ''}{args.model}/{args.arch} on "
+              f"{args.dataset}: {len(names)} classes, {len(train_set)} train / {len(val_set)} "
+              f"val images, {world} x {args.batch_size} per step, {args.iters} steps, crop "
+              f"{args.crop_size}, on {device}")
+    bar = tqdm(total=args.iters, initial=step, disable=not utils.is_main(), dynamic_ncols=True)
+    ddp.train()
+    while step < args.iters:
+        epoch, first = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[first * args.batch_size: per_epoch * args.batch_size]
+        loader = DataLoader(KeyedAugmentation(train_set, args.seed, epoch), args.batch_size,
+                            sampler=indices, num_workers=args.workers, pin_memory=use_cuda,
+                            drop_last=True, generator=torch.Generator())  # keeps --resume exact
+        for images, labels, _ in loader:
+            images, labels = images.to(device), labels.to(device)  # (B, 3, H, W), (B, H, W)
+            if use_cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and use_cuda):
+                logits = ddp(images)["out"]  # (B, K, H, W) at the input size
+            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            # sum / count: an all-IGNORE batch gives 0, not the NaN of a mean over nothing
+            valid = (labels != IGNORE).sum().clamp(min=1)
+            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / valid
+            if utils.all_reduce_sum(torch.isfinite(loss.detach()).float()).item() < world:
+                raise ValueError(f"loss became non-finite at step {step + 1}; stopping, the last "
+                                 f"good checkpoint {out_dir / 'last.pth'} is left as it was")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % args.log_interval == 0 or step == args.iters:
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                logger.log(step=step, epoch=epoch, loss=loss.item(), lr=lr)
+            if step % args.eval_interval == 0 or step == args.iters:
+                validate()
+            if utils.broadcast_flag(stop.requested, device):
+                checkpoint(out_dir / "last.pth", None)
+                if utils.is_main():
+                    print(f"\nSIGTERM: saved {out_dir / 'last.pth'} at step {step}; continue "
+                          f"with --resume {out_dir / 'last.pth'}")
+                return
+            if step >= args.iters:
+                break
+    bar.close()
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

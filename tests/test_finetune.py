@@ -1,0 +1,157 @@
+"""finetune.py (M9) run as a subprocess on the toy data: training writes checkpoints and results,
+--eval-only reproduces the recorded mIoU, SIGTERM + --resume equals an uninterrupted run, bad input
+ends with one clear line; backbone loading from a pretraining checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import utils  # noqa: E402
+from finetune import build_model, load_init  # noqa: E402
+from mdp import MDPNet  # noqa: E402
+
+# tiny budget (toy VOC images are 128x96; eval resizes them to 64x48, labels stay 128x96)
+TINY = ["--dataset", "voc", "--arch", "resnet14", "--crop-size", "32", "32", "--base-size", "64",
+        "48", "--batch-size", "2", "--iters", "4", "--eval-interval", "2", "--log-interval", "1",
+        "--workers", "0", "--num-overlays", "1"]
+
+
+def run(*args: str, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--data-root", str(root),
+                           *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr and lines[0].startswith("error:")
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture(scope="module")
+def scratch_run(toy_root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft_scratch")
+    p = run("--ckpt", "none", *TINY, "--out-dir", str(out), root=toy_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+def test_scratch_run_writes_checkpoints_and_results(scratch_run: Path) -> None:
+    for name in ("last.pth", "best.pth", "config.json", "log.jsonl", "results.json"):
+        assert (scratch_run / name).is_file(), name
+    assert list((scratch_run / "overlays").glob("*.png"))
+    res = json.loads((scratch_run / "results.json").read_text())
+    ckpt = torch.load(scratch_run / "last.pth", weights_only=False)
+    assert ckpt["task"] == "finetune" and ckpt["step"] == 4 == res["step"]
+    assert len(res["IoU"]) == 21 and 0 <= res["mIoU"] <= 100
+    present = [v for v in res["IoU"].values() if v is not None]  # absent classes are null
+    assert res["mIoU"] == pytest.approx(sum(present) / len(present))
+    assert res["mIoU"] == pytest.approx(100 * ckpt["miou"])
+    evals = [r for r in map(json.loads, (scratch_run / "log.jsonl").read_text().splitlines())
+             if "mIoU" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert res["best_mIoU"] == max(r["mIoU"] for r in evals)
+
+
+def test_eval_only_reproduces_recorded_miou(scratch_run: Path, toy_root: Path) -> None:
+    out = scratch_run / "re_eval"
+    p = run("--ckpt", str(scratch_run / "last.pth"), "--eval-only", "--workers", "0",
+            "--out-dir", str(out), root=toy_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recorded = json.loads((scratch_run / "results.json").read_text())
+    again = json.loads((out / "results.json").read_text())
+    assert again["mIoU"] == recorded["mIoU"] and again["IoU"] == recorded["IoU"]
+    assert "mIoU" in p.stdout
+
+
+def test_sigterm_then_resume_equals_uninterrupted(scratch_run: Path, toy_root: Path,
+                                                  tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--data-root", str(toy_root), "--ckpt",
+           "none", *TINY, "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "log.jsonl"
+    while proc.poll() is None and not (log.is_file() and log.read_text().strip()):
+        time.sleep(0.2)  # the first step is logged: the SIGTERM handler is in place
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    stopped = torch.load(tmp_path / "last.pth", weights_only=False)["step"]
+    assert 1 <= stopped < 4, "the run finished before SIGTERM arrived"
+    # everything else inherited; augmentation is keyed, so the worker count does not matter
+    p = run("--resume", str(tmp_path / "last.pth"), "--workers", "1", root=toy_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    resumed = torch.load(tmp_path / "last.pth", weights_only=False)
+    reference = torch.load(scratch_run / "last.pth", weights_only=False)
+    assert resumed["step"] == 4
+    for k, v in reference["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert resumed["miou"] == reference["miou"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy_root: Path,
+                                                              tmp_path: Path) -> None:
+    # lr 1e38 makes the weights overflow after the first update, so the second loss is NaN/inf
+    flags = TINY + ["--lr", "1e38", "--eval-interval", "1", "--num-overlays", "0"]
+    p = run("--ckpt", "none", *flags, "--out-dir", str(tmp_path), root=toy_root)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "error: loss became non-finite at step 2" in p.stderr
+    assert torch.load(tmp_path / "last.pth", weights_only=False)["step"] == 1
+
+
+def test_backbone_loaded_from_pretraining_checkpoint(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    net = MDPNet("resnet14", output_stride=8, embed_dim=16)
+    path = tmp_path / "pretrain.pth"
+    utils.save_checkpoint({"task": "pretrain", "model": net.state_dict(), "step": 0,
+                           "args": {"arch": "resnet14"}}, path)
+    state = utils.load_checkpoint(path)
+    model = build_model("deeplabv3", "resnet14", 5)
+    load_init(model, str(path), "pretrain", state)
+    got = model.backbone.state_dict()
+    want = {k[len("backbone."):]: v for k, v in state["model"].items()
+            if k.startswith("backbone.") and not k.startswith("backbone.fc.")}
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    n = len(want)
+    assert f"backbone: loaded {n}/{n} tensors" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["wrong_kind", "no_backbone", "truncated", "missing_data",
+                                  "bad_flag", "bad_value", "eval_only_pretrain"])
+def test_bad_input_one_line(case: str, scratch_run: Path, toy_root: Path, tmp_path: Path) -> None:
+    ckpt, root, extra = tmp_path / "x.pth", toy_root, []
+    if case == "wrong_kind":
+        torch.save({"foo": 1}, ckpt)
+        words = [str(ckpt), "model"]
+    elif case == "no_backbone":
+        torch.save({"model": {"head.weight": torch.zeros(1)}}, ckpt)
+        words = [str(ckpt), "backbone"]
+    elif case == "truncated":
+        ckpt.write_bytes((scratch_run / "last.pth").read_bytes()[:4096])
+        words = [str(ckpt), "cannot read"]
+    elif case == "missing_data":
+        ckpt, root = "none", tmp_path / "nowhere"
+        words = ["VOC2012", "not found"]
+    elif case == "bad_flag":
+        ckpt, extra, words = "none", ["--no-such-flag"], ["--no-such-flag"]
+    elif case == "bad_value":
+        ckpt, extra, words = "none", ["--crop-size", "0", "64"], ["--crop-size"]
+    else:  # --eval-only needs a fine-tuning checkpoint
+        utils.save_checkpoint({"task": "pretrain", "model": MDPNet("resnet14").state_dict()}, ckpt)
+        extra, words = ["--eval-only"], ["--eval-only", "fine-tuning"]
+    p = run("--ckpt", str(ckpt), *TINY, *extra, "--out-dir", str(tmp_path / "o"), root=root)
+    one_line_error(p, *words)
+    assert not (tmp_path / "o" / "last.pth").exists()
