@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -49,13 +48,8 @@ INHERITED = ("dataset", "model", "arch", "output_stride", "iters", "crop_size", 
              "batch_size", "eval_interval", "sliding_window", "window", "stride")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of a usage dump (bad-input rule)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(description=__doc__.splitlines()[0])
+    p = utils.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="PATH (pretraining or fine-tuning checkpoint), none, or "
                                   "imagenet:PATH (torchvision ResNet state_dict)")
     p.add_argument("--dataset", help="voc ade20k cityscapes coco_stuff folder:PATH")
@@ -193,21 +187,6 @@ def broadcast_buffers(module: nn.Module) -> None:
     if utils.dist_on():
         for b in module.buffers():
             dist.broadcast(b, 0)
-
-
-class KeyedAugmentation(Dataset):
-    """Seeds sample i of epoch e from (seed, e, i): --resume replays the same crops."""
-
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**63)  # int tuples hash stably
-            return self.dataset[i]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,7 +470,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
         epoch, first = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         indices = list(sampler)[first * args.batch_size: per_epoch * args.batch_size]
-        loader = DataLoader(KeyedAugmentation(train_set, args.seed, epoch), args.batch_size,
+        loader = DataLoader(utils.KeyedAugmentation(train_set, args.seed, epoch), args.batch_size,
                             sampler=indices, num_workers=args.workers, pin_memory=use_cuda,
                             drop_last=True, generator=torch.Generator())  # keeps --resume exact
         for images, labels, _ in loader:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
@@ -98,21 +98,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dataset-weights needs one weight per dataset ({len(args.datasets)}), "
                 f"got {len(args.dataset_weights)}")
     return args
-
-
-class KeyedAugmentation(Dataset):
-    """Seeds the augmentation of sample i in epoch e from (seed, e, i) alone (see module doc)."""
-
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**63)
-            return self.dataset[i]
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -202,7 +187,7 @@ def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
 
     n = args.show_batch
     sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, 1, 0, seed=args.seed)
-    loader = DataLoader(KeyedAugmentation(dataset, args.seed, 0), batch_size=n,
+    loader = DataLoader(utils.KeyedAugmentation(dataset, args.seed, 0), batch_size=n,
                         sampler=list(sampler)[:n], num_workers=0)
     images, labels, didx = next(iter(loader))
     images, y_a, _, w, info = mix_batch(images, labels, didx, args.mix,
@@ -321,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             epoch, first = divmod(step, iters_per_epoch)
             sampler.set_epoch(epoch)
             indices = list(sampler)[first * args.batch_size: iters_per_epoch * args.batch_size]
-            loader = DataLoader(KeyedAugmentation(dataset, args.seed, epoch), args.batch_size,
+            loader = DataLoader(utils.KeyedAugmentation(dataset, args.seed, epoch), args.batch_size,
                                 sampler=indices, num_workers=args.workers, pin_memory=use_cuda,
                                 drop_last=True, persistent_workers=False)
             for images, labels, didx in loader:

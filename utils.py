@@ -166,6 +166,22 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
 
 
+class KeyedAugmentation(torch.utils.data.Dataset):
+    """Seeds the augmentation of sample i in epoch e from (seed, e, i) alone, whatever the worker or
+    rank that loads it: `--resume` replays exactly the crops an uninterrupted run would have seen."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**63)  # int tuples hash stably
+            return self.dataset[i]
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
