@@ -1,0 +1,216 @@
+"""The source's comparisons (METHOD.md M8, "The source's numbers") re-run end to end on the toy data.
+
+Every row pretrains with train_pretrain.py and fine-tunes with finetune.py (the same code a user
+runs, called in-process to spare a torch import per job) on toy VOC, ADE20K and Cityscapes with one
+fixed budget, over several seeds. Finished jobs are skipped, so an interrupted run just continues.
+
+    python scripts/reproduce.py                 # full table: 3 seeds (about an hour on 2 CPU cores)
+    python scripts/reproduce.py --quick         # 1 seed, a tenth of the budget (smoke test)
+
+Writes results/toy_table.md (mean ± std), results/toy_table.json (every run, per-class IoU) and
+results/toy_table.png (bar chart).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import finetune  # noqa: E402
+import train_pretrain  # noqa: E402
+from datasets import make_toy  # noqa: E402
+
+VOC_ADE = ["voc", "ade20k"]
+# row -> pretraining stages (datasets, extra flags); a later stage starts from the previous one
+ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
+    "scratch": [],
+    "ce": [(VOC_ADE, ["--method", "ce"])],
+    "multihead": [(VOC_ADE, ["--method", "multihead"])],
+    "pix2pix": [(VOC_ADE, ["--method", "pix2pix"])],
+    "sequential": [(["coco_stuff"], []), (["ade20k"], []), (["voc"], [])],
+    "mdp_voc": [(["voc"], [])],
+    "mdp_voc_ade": [(VOC_ADE, [])],
+    "mdp_voc_ade_coco": [(VOC_ADE + ["coco_stuff"], [])],
+    "mdp_no_csc": [(VOC_ADE, ["--no-csc"])],
+    "mdp_no_mix": [(VOC_ADE, ["--mix", "none"])],
+    "mdp_tau0.3": [(VOC_ADE, ["--tau", "0.3"])],
+}
+LABELS = {
+    "scratch": "scratch (no pretraining)", "ce": "CE, VOC+ADE", "multihead": "multi-head, VOC+ADE",
+    "pix2pix": "pixel-to-pixel, VOC+ADE", "sequential": "sequential COCO→ADE→VOC",
+    "mdp_voc": "MDP, VOC", "mdp_voc_ade": "MDP, VOC+ADE", "mdp_voc_ade_coco": "MDP, VOC+ADE+COCO",
+    "mdp_no_csc": "MDP w/o CSC, VOC+ADE", "mdp_no_mix": "MDP w/o mixing, VOC+ADE",
+    "mdp_tau0.3": "MDP τ=0.3, VOC+ADE",
+}
+TARGETS = ["voc", "ade20k", "cityscapes"]
+
+# One toy budget for every row (nothing tuned per row), sized so that 11 rows x 3 seeds x (1
+# pretraining + 3 fine-tunings) take about an hour on 2 CPU cores. Pretraining steps are split
+# evenly over the stages of the sequential row, so every row sees the same number of images.
+# Toy images are ~128 px, so the base scales below keep them at native size (scale 1.0).
+ARCH = "resnet14"
+PRETRAIN_ITERS, FINETUNE_ITERS = 100, 40
+PRETRAIN = ["--arch", ARCH, "--crop-size", "64", "64", "--base-size", "128", "128",
+            "--batch-size", "8", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "1e-4",
+            "--schedule", "cosine", "--min-lr", "1e-5", "--warmup-iters", "10", "--workers", "0",
+            "--bank-size", "128", "--log-interval", "25"]
+FINETUNE = {
+    "voc": ["--crop-size", "64", "64", "--base-size", "128", "128"],
+    "ade20k": ["--crop-size", "64", "64", "--base-size", "128", "128"],
+    "cityscapes": ["--crop-size", "64", "128", "--base-size", "192", "96"],
+}
+FINETUNE_COMMON = ["--batch-size", "8", "--workers", "0", "--num-overlays", "0",
+                   "--log-interval", "20"]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_once(done: Path, fn, argv: list[str]) -> None:
+    """Runs fn(argv) unless `done` exists; writes `done` afterwards (resumable study)."""
+    if done.exists():
+        return
+    print(f"\n$ {fn.__module__}.py {' '.join(argv)}", flush=True)
+    fn(argv)
+    done.touch()
+
+
+def pretrain(row: str, seed: int, out: Path, data_root: Path, iters: int) -> str | None:
+    """Runs the row's pretraining stages; returns the checkpoint to fine-tune from (None: scratch)."""
+    stages = ROWS[row]
+    ckpt = None
+    for k, (datasets, extra) in enumerate(stages):
+        stage_dir = out / f"pretrain{k}"
+        argv = PRETRAIN + ["--datasets", *datasets, "--data-root", str(data_root),
+                           "--iters", str(max(iters // len(stages), 1)), "--seed", str(seed),
+                           "--out-dir", str(stage_dir), *extra]
+        if ckpt:
+            argv += ["--init", ckpt]
+        run_once(stage_dir / "done", train_pretrain.main, argv)
+        ckpt = str(stage_dir / "last.pth")
+    return ckpt
+
+
+def finetune_all(ckpt: str | None, seed: int, out: Path, data_root: Path, iters: int,
+                 targets: list[str]) -> dict[str, dict]:
+    results = {}
+    for target in targets:
+        ft_dir = out / f"ft_{target}"
+        argv = ["--ckpt", ckpt or "none", "--dataset", target, "--data-root", str(data_root),
+                "--arch", ARCH, "--iters", str(iters), "--eval-interval", str(iters),
+                "--seed", str(seed), "--out-dir", str(ft_dir), *FINETUNE[target], *FINETUNE_COMMON]
+        run_once(ft_dir / "done", finetune.main, argv)
+        results[target] = json.loads((ft_dir / "results.json").read_text())
+    return results
+
+
+def summarise(runs: dict[str, dict[int, dict[str, dict]]], targets: list[str]) -> dict:
+    """Mean and std of mIoU per row and target over seeds."""
+    table = {}
+    for row, by_seed in runs.items():
+        table[row] = {}
+        for t in targets:
+            vals = np.array([r[t]["mIoU"] for r in by_seed.values()])  # percent
+            table[row][t] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": len(vals)}
+    return table
+
+
+def write_markdown(table: dict, targets: list[str], path: Path, header: str) -> str:
+    lines = [header, "", "| pretraining | " + " | ".join(f"toy {t} mIoU" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for row, cells in table.items():
+        vals = [f"{c['mean']:.2f} ± {c['std']:.2f}" if c["n"] > 1 else f"{c['mean']:.2f}"
+                for c in (cells[t] for t in targets)]
+        lines.append(f"| {LABELS[row]} | " + " | ".join(vals) + " |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def bar_chart(table: dict, targets: list[str], path: Path) -> None:
+    """Grouped bars (one group per row, one bar per target) with ±std whiskers, drawn with PIL."""
+    colours = [(66, 133, 244), (219, 68, 55), (15, 157, 88)]
+    rows = list(table)
+    bar, gap, left, top, height = 14, 18, 60, 30, 300
+    width = max(left + len(rows) * (len(targets) * bar + gap) + 20, left + 110 * len(targets) + 20)
+    img = Image.new("RGB", (width, top + height + 150), "white")
+    draw = ImageDraw.Draw(img)
+    ymax = max(c["mean"] + c["std"] for cells in table.values() for c in cells.values()) * 1.1 or 1
+    y = lambda v: top + height - v / ymax * height  # noqa: E731
+    for tick in np.linspace(0, ymax, 5):
+        draw.line([(left - 4, y(tick)), (width - 10, y(tick))], fill=(220, 220, 220))
+        draw.text((5, y(tick) - 6), f"{tick:.0f}", fill="black")
+    for i, row in enumerate(rows):
+        x0 = left + i * (len(targets) * bar + gap)
+        for j, t in enumerate(targets):
+            c = table[row][t]
+            x = x0 + j * bar
+            draw.rectangle([x, y(c["mean"]), x + bar - 2, y(0)], fill=colours[j % 3])
+            draw.line([(x + bar // 2 - 1, y(c["mean"] - c["std"])),
+                       (x + bar // 2 - 1, y(c["mean"] + c["std"]))], fill="black")
+        label = Image.new("RGB", (140, 14), "white")
+        ImageDraw.Draw(label).text((0, 0), LABELS[row][:24], fill="black")
+        img.paste(label.rotate(60, expand=True, fillcolor="white"), (x0 - 10, top + height + 4))
+    for j, t in enumerate(targets):
+        draw.rectangle([left + j * 110, 5, left + j * 110 + 10, 15], fill=colours[j % 3])
+        draw.text((left + j * 110 + 14, 4), f"toy {t} mIoU", fill="black")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, a tenth of the budget")
+    p.add_argument("--seeds", type=int, default=None, help="default: 3 (1 with --quick)")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
+    p.add_argument("--data-root", default=str(ROOT / "data" / "toy"))
+    p.add_argument("--work-dir", default=None, help="default: runs/reproduce[_quick]")
+    p.add_argument("--results-dir", default=str(ROOT / "results"))
+    args = p.parse_args(argv)
+    seeds = args.seeds or (1 if args.quick else 3)
+    scale = 10 if args.quick else 1
+    p_iters, f_iters = PRETRAIN_ITERS // scale, FINETUNE_ITERS // scale
+    work = Path(args.work_dir or ROOT / "runs" / ("reproduce_quick" if args.quick else "reproduce"))
+    data_root = Path(args.data_root)
+    if not (data_root / ".written").exists():
+        make_toy(data_root)
+        (data_root / ".written").touch()
+
+    t0 = time.time()
+    runs: dict[str, dict[int, dict]] = {}
+    for seed in range(seeds):
+        for row in args.rows:
+            out = work / row / f"seed{seed}"
+            ckpt = pretrain(row, seed, out, data_root, p_iters)
+            runs.setdefault(row, {})[seed] = finetune_all(ckpt, seed, out, data_root, f_iters,
+                                                          args.targets)
+    table = summarise(runs, args.targets)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    name = "toy_table_quick" if args.quick else "toy_table"
+    command = "python scripts/reproduce.py" + (" --quick" if args.quick else "")
+    header = (f"Toy reproduction: `{command}` at commit {git_commit()}, {seeds} seed(s); "
+              f"pretraining {p_iters} steps, fine-tuning {f_iters} steps, {ARCH}; "
+              f"{(time.time() - t0) / 60:.1f} min for the jobs not already done.")
+    print("\n" + write_markdown(table, args.targets, results / f"{name}.md", header))
+    (results / f"{name}.json").write_text(json.dumps({"header": header, "table": table,
+                                                      "runs": runs}, indent=1))
+    bar_chart(table, args.targets, results / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()
