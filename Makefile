@@ -19,19 +19,20 @@ $(TOY)/.written: .venv/.installed datasets.py
 	$(PY) datasets.py make-toy --root $(TOY)
 	touch $@
 
-# budget chosen so the whole demo fits in minutes on 2 CPU cores (see README, "Demo")
+# Toy budget: minutes on 2 CPU cores. resnet14 = a Bottleneck ResNet with one block per stage
+# (same key names and 2048-d output as resnet50); toy images are ~128 px, kept at native scale.
 PRETRAIN_FLAGS := --datasets voc ade20k --data-root $(TOY) --arch resnet14 --crop-size 96 96 \
-	--base-size 256 128 --batch-size 8 --iters 300 --optimizer adamw --lr 1e-3 --weight-decay 1e-4 \
-	--schedule cosine --min-lr 1e-5 --warmup-iters 20 --workers 0 --log-interval 10
-FINETUNE_FLAGS := --dataset cityscapes --data-root $(TOY) --crop-size 64 128 --base-size 256 128 \
-	--batch-size 8 --iters 300 --workers 0 --eval-interval 300
+	--base-size 128 128 --batch-size 4 --iters 300 --optimizer adamw --lr 1e-3 --weight-decay 1e-4 \
+	--schedule cosine --min-lr 1e-5 --warmup-iters 20 --bank-size 128 --workers 0 --log-interval 10
+FINETUNE_FLAGS := --dataset cityscapes --data-root $(TOY) --crop-size 64 128 --base-size 192 96 \
+	--batch-size 8 --iters 100 --eval-interval 100 --workers 0
 
 demo: $(TOY)/.written
 	.venv/bin/torchrun --standalone --nproc_per_node=2 train_pretrain.py $(PRETRAIN_FLAGS) \
 		--out-dir $(RUN)/pretrain
 	$(PY) finetune.py --ckpt $(RUN)/pretrain/last.pth $(FINETUNE_FLAGS) --out-dir $(RUN)/ft_mdp
 	$(PY) finetune.py --ckpt none --arch resnet14 $(FINETUNE_FLAGS) --out-dir $(RUN)/ft_scratch
-	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp
+	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp --pretrain-log $(RUN)/pretrain/log.jsonl
 
 test: .venv/.installed
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests

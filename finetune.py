@@ -430,7 +430,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
         utils.set_rng_state(prev["rng"])
         step, best, best_step = prev["step"], prev["best_miou"], prev["best_step"]
     utils.save_config(args, out_dir)
-    logger = utils.JsonlLogger(out_dir / "log.jsonl")
+    logger = utils.JsonlLogger(out_dir / "log.jsonl", append=prev is not None)
     stop = utils.StopFlag()
 
     def checkpoint(path: Path, miou: float | None) -> None:

@@ -232,10 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.method == "mdp":
         bank = PrototypeBank(label_space.num_classes, args.embed_dim, args.bank_size).to(device)
     use_cuda = device.type == "cuda"
+    if args.sync_bn and world > 1:
+        if not use_cuda:
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
-        if args.sync_bn and world > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 \
         else model
     if args.optimizer == "sgd":
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         if utils.is_main():
             print(f"resumed from {resume} at step {step}")
     utils.save_config(args, out_dir)
-    logger = utils.JsonlLogger(out_dir / "log.jsonl")
+    logger = utils.JsonlLogger(out_dir / "log.jsonl", append=step > 0)
     class_dataset = label_space.class_dataset.to(device)
     stop = utils.StopFlag()
 

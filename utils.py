@@ -144,10 +144,11 @@ def save_config(args: Any, out_dir: str | Path) -> None:
 
 
 class JsonlLogger:
-    """One JSON object per line; rank 0 only, flushed so a crash loses nothing."""
+    """One JSON object per line; rank 0 only, flushed so a crash loses nothing. A resumed run
+    appends to its log; a fresh run in the same folder starts a new one."""
 
-    def __init__(self, path: str | Path):
-        self.file = open(path, "a") if is_main() else None
+    def __init__(self, path: str | Path, append: bool = False):
+        self.file = open(path, "a" if append else "w") if is_main() else None
 
     def log(self, **fields: Any) -> None:
         if self.file is not None:

@@ -1,6 +1,7 @@
 """Per-class IoU and mIoU of several fine-tuning runs side by side (reads each RUN/results.json).
 
-    python scripts/compare.py runs/demo/ft_scratch runs/demo/ft_mdp
+    python scripts/compare.py runs/demo/ft_scratch runs/demo/ft_mdp \
+        --pretrain-log runs/demo/pretrain/log.jsonl   # also: did the pretraining loss fall?
 """
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--pretrain-log", type=Path, help="a train_pretrain.py log.jsonl")
     args = p.parse_args(argv)
+    if args.pretrain_log:
+        losses = [json.loads(line)["loss"] for line in args.pretrain_log.read_text().splitlines()]
+        k = max(len(losses) // 10, 1)  # single-batch losses are noisy: average a tenth of the log
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(f"pretraining loss, mean of the first / last {k} logged steps: "
+              f"{first:.3f} -> {last:.3f} ({'falls' if last < first else 'does NOT fall'})\n")
     results = {}
     for run in args.runs:
         path = run / "results.json"

@@ -3,19 +3,18 @@ inference; 2-process evaluation equal to 1-process on a validation set of odd si
 from __future__ import annotations
 
 import math
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from finetune import confusion_matrix, evaluate, iou_from_confusion, slide_inference  # noqa: E402
+from gloo import free_port, gloo_group  # noqa: E402
 
 IGN = -1
 
@@ -138,18 +137,8 @@ def run_eval(window) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.save([run_eval(w) for w in WINDOWS], f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_evaluation_equals_one_process(tmp_path: Path) -> None:

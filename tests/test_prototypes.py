@@ -1,7 +1,6 @@
 """PrototypeBank (M3) against a deliberately naive per-image / per-class loop re-implementation."""
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gloo import free_port, gloo_group
 from prototypes import PrototypeBank
 
 IGNORE = -1
@@ -154,23 +154,12 @@ def dist_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _dist_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         bank = PrototypeBank(C_DIST, D_DIST, Q_DIST)
         for step in range(len(STEPS)):
             z, labels = dist_batches(step)[rank]
             bank.update(z, labels)
         torch.save(bank.state_dict(), Path(out_dir) / f"rank{rank}.pth")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_gloo_identical_and_equal_to_union_batch() -> None:

@@ -50,6 +50,26 @@ def test_two_process_torchrun(toy_root: Path, tmp_path: Path) -> None:
     assert len(lines) == 3  # rank 0 only writes the log
     assert (out / "config.json").exists()
 
+    # the checkpoint feeds the downstream tools: fine-tuning loads every backbone tensor ...
+    ft = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--ckpt", str(out / "last.pth"),
+                         "--dataset", "cityscapes", "--data-root", str(toy_root), "--iters", "2",
+                         "--crop-size", "32", "64", "--base-size", "96", "48", "--batch-size", "2",
+                         "--workers", "0", "--num-overlays", "0", "--out-dir", str(tmp_path / "ft")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    n_backbone = len([k for k in ckpt["model"] if k.startswith("backbone.")])
+    assert f"loaded {n_backbone}/{n_backbone} tensors" in ft.stdout
+    # ... and the export is a torchvision ResNet state_dict equal to the trained backbone
+    export = tmp_path / "r14.pth"
+    ex = subprocess.run([sys.executable, str(ROOT / "mdp.py"), "export", "--ckpt",
+                         str(out / "last.pth"), "--out", str(export)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+    assert ex.returncode == 0, ex.stderr
+    sd = torch.load(export, weights_only=True)
+    assert sd.keys() == {k[len("backbone."):] for k in ckpt["model"] if k.startswith("backbone.")}
+    for k, v in sd.items():
+        assert torch.equal(v, ckpt["model"]["backbone." + k]), k
+
 
 def test_sigterm_then_resume_is_bit_for_bit(toy_root: Path, tmp_path: Path) -> None:
     common = ["--datasets", "voc", "ade20k", "--data-root", str(toy_root), "--iters", "8", *TINY]
