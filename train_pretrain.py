@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume == "auto":  # pre-emptible jobs: resume if a checkpoint exists, else start
         resume = out_dir / "last.pth" if (out_dir / "last.pth").is_file() else None
     if resume:
-        ckpt = utils.load_checkpoint(resume, map_location=device)
+        ckpt = utils.load_checkpoint(resume)  # on CPU: the RNG states must stay CPU tensors
         if ckpt.get("task") != "pretrain":
             raise utils.CheckpointError(f"{resume} is not a pretraining checkpoint")
         if ckpt["label_space"] != label_space.state_dict():
