@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick",
-           "--rows", "scratch", "sequential", "--targets", "cityscapes",
+           "--rows", "scratch", "sequential", "mdp_voc_ade", "--targets", "cityscapes",
            "--data-root", str(toy_root), "--work-dir", str(tmp_path / "work"),
            "--results-dir", str(tmp_path / "results")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -22,6 +22,13 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
         run = json.loads((tmp_path / "work" / row / "seed0" / "ft_cityscapes" /
                           "results.json").read_text())
         assert table["table"][row]["cityscapes"]["mean"] == run["mIoU"]
+    # the claim "MDP beats no pretraining" is judged from those same two runs
+    miou = {row: json.loads((tmp_path / "work" / row / "seed0" / "ft_cityscapes" /
+                             "results.json").read_text())["mIoU"] for row in ("mdp_voc_ade", "scratch")}
+    (check,) = [c for c in table["claims"] if c["claim"] == "MDP beats no pretraining"]
+    assert check["diff"] == miou["mdp_voc_ade"] - miou["scratch"]
+    expected = "holds" if check["diff"] > 0 else "reversed" if check["diff"] < 0 else "tie"
+    assert check["verdict"] == f"{expected} (1 seed)"
     # sequential = three pretraining stages, each initialised from the previous one
     stages = sorted((tmp_path / "work" / "sequential" / "seed0").glob("pretrain*/last.pth"))
     assert len(stages) == 3
