@@ -27,8 +27,8 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
                              "results.json").read_text())["mIoU"] for row in ("mdp_voc_ade", "scratch")}
     (check,) = [c for c in table["claims"] if c["claim"] == "MDP beats no pretraining"]
     assert check["diff"] == miou["mdp_voc_ade"] - miou["scratch"]
-    expected = "holds" if check["diff"] > 0 else "reversed" if check["diff"] < 0 else "tie"
-    assert check["verdict"] == f"{expected} (1 seed)"
+    expected = {1: "holds (1 seed)", -1: "reversed (1 seed)", 0: "tie"}
+    assert check["verdict"] == expected[(check["diff"] > 0) - (check["diff"] < 0)]
     # sequential = three pretraining stages, each initialised from the previous one
     stages = sorted((tmp_path / "work" / "sequential" / "seed0").glob("pretrain*/last.pth"))
     assert len(stages) == 3
