@@ -3,8 +3,8 @@
 PY   := .venv/bin/python
 RUN  := runs/demo
 TOY  := data/toy
-# one thread per process: the demo runs two torchrun workers on a 2-core machine
-export OMP_NUM_THREADS ?= 1
+# CPU threads: the two torchrun workers get one each, a single process gets them all
+THREADS ?= 2
 
 .PHONY: demo test venv clean
 venv: .venv/.installed
@@ -28,14 +28,16 @@ FINETUNE_FLAGS := --dataset cityscapes --data-root $(TOY) --crop-size 64 128 --b
 	--batch-size 8 --iters 100 --eval-interval 100 --workers 0
 
 demo: $(TOY)/.written
-	.venv/bin/torchrun --standalone --nproc_per_node=2 train_pretrain.py $(PRETRAIN_FLAGS) \
-		--out-dir $(RUN)/pretrain
-	$(PY) finetune.py --ckpt $(RUN)/pretrain/last.pth $(FINETUNE_FLAGS) --out-dir $(RUN)/ft_mdp
-	$(PY) finetune.py --ckpt none --arch resnet14 $(FINETUNE_FLAGS) --out-dir $(RUN)/ft_scratch
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node=2 train_pretrain.py \
+		$(PRETRAIN_FLAGS) --out-dir $(RUN)/pretrain
+	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt $(RUN)/pretrain/last.pth $(FINETUNE_FLAGS) \
+		--out-dir $(RUN)/ft_mdp
+	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt none --arch resnet14 $(FINETUNE_FLAGS) \
+		--out-dir $(RUN)/ft_scratch
 	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp --pretrain-log $(RUN)/pretrain/log.jsonl
 
 test: .venv/.installed
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q tests
 
 clean:
 	rm -rf runs $(TOY)
