@@ -467,12 +467,8 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
     bar = tqdm(total=args.iters, initial=step, disable=not utils.is_main(), dynamic_ncols=True)
     ddp.train()
     while step < args.iters:
-        epoch, first = divmod(step, per_epoch)
-        sampler.set_epoch(epoch)
-        indices = list(sampler)[first * args.batch_size: per_epoch * args.batch_size]
-        loader = DataLoader(utils.KeyedAugmentation(train_set, args.seed, epoch), args.batch_size,
-                            sampler=indices, num_workers=args.workers, pin_memory=use_cuda,
-                            drop_last=True, generator=torch.Generator())  # keeps --resume exact
+        epoch, loader = utils.epoch_loader(train_set, sampler, step, args.batch_size, args.seed,
+                                           args.workers, pin_memory=use_cuda)
         for images, labels, _ in loader:
             images, labels = images.to(device), labels.to(device)  # (B, 3, H, W), (B, H, W)
             if use_cuda:

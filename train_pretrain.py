@@ -305,12 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         ddp.train()
         t0, seen = time.time(), 0
         while step < total:
-            epoch, first = divmod(step, iters_per_epoch)
-            sampler.set_epoch(epoch)
-            indices = list(sampler)[first * args.batch_size: iters_per_epoch * args.batch_size]
-            loader = DataLoader(utils.KeyedAugmentation(dataset, args.seed, epoch), args.batch_size,
-                                sampler=indices, num_workers=args.workers, pin_memory=use_cuda,
-                                drop_last=True, persistent_workers=False)
+            epoch, loader = utils.epoch_loader(dataset, sampler, step, args.batch_size, args.seed,
+                                               args.workers, pin_memory=use_cuda)
             for images, labels, didx in loader:
                 gen = step_generator(args.seed, rank, step)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

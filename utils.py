@@ -183,6 +183,21 @@ class KeyedAugmentation(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
+def epoch_loader(dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sampler, step: int,
+                 batch_size: int, seed: int, workers: int,
+                 pin_memory: bool = False) -> tuple[int, torch.utils.data.DataLoader]:
+    """(epoch, loader over the batches left in the epoch that `step` falls in). Sampler order and
+    augmentation depend only on (seed, epoch, sample), so a resumed run picks up mid-epoch exactly;
+    the loader's own generator keeps it from drawing on the global RNG stream."""
+    per_epoch = len(sampler) // batch_size
+    epoch, first = divmod(step, per_epoch)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)[first * batch_size: per_epoch * batch_size]
+    return epoch, torch.utils.data.DataLoader(
+        KeyedAugmentation(dataset, seed, epoch), batch_size, sampler=indices, num_workers=workers,
+        pin_memory=pin_memory, drop_last=True, generator=torch.Generator())
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
