@@ -480,9 +480,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
             # sum / count: an all-IGNORE batch gives 0, not the NaN of a mean over nothing
             valid = (labels != IGNORE).sum().clamp(min=1)
             loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / valid
-            if utils.all_reduce_sum(torch.isfinite(loss.detach()).float()).item() < world:
-                raise ValueError(f"loss became non-finite at step {step + 1}; stopping, the last "
-                                 f"good checkpoint {out_dir / 'last.pth'} is left as it was")
+            utils.check_finite_loss(loss, step, out_dir / "last.pth")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

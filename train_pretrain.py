@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
@@ -187,8 +186,7 @@ def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
 
     n = args.show_batch
     sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, 1, 0, seed=args.seed)
-    loader = DataLoader(utils.KeyedAugmentation(dataset, args.seed, 0), batch_size=n,
-                        sampler=list(sampler)[:n], num_workers=0)
+    _, loader = utils.epoch_loader(dataset, sampler, 0, n, args.seed, workers=0)  # first batch
     images, labels, didx = next(iter(loader))
     images, y_a, _, w, info = mix_batch(images, labels, didx, args.mix,
                                         step_generator(args.seed, 0, 0), return_info=True)
@@ -316,10 +314,7 @@ def main(argv: list[str] | None = None) -> None:
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                     out = ddp(images)
                 loss, parts = compute_loss(args, out.float(), y_a, y_b, w, bank, class_dataset, gen)
-                finite = torch.isfinite(loss.detach()).float()
-                if utils.all_reduce_sum(finite).item() < world:
-                    raise ValueError(f"loss became non-finite at step {step} ({parts}); the last good "
-                                     f"checkpoint {out_dir / 'last.pth'} is left as it was")
+                utils.check_finite_loss(loss, step, out_dir / "last.pth")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

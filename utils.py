@@ -108,6 +108,14 @@ def run_cli(main: Callable[[], Any]) -> None:
 # checkpoints
 
 
+def check_finite_loss(loss: torch.Tensor, step: int, last_ckpt: str | Path) -> None:
+    """Stops every rank together when any rank's loss is NaN / inf (before the update)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if all_reduce_sum(finite).item() < get_world_size():
+        raise ValueError(f"loss became non-finite at step {step + 1}; the last good checkpoint "
+                         f"{last_ckpt} is left as it was")
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Atomic write on rank 0: a crash mid-write never replaces the last good checkpoint."""
     if not is_main():
