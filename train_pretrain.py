@@ -284,10 +284,6 @@ def main(argv: list[str] | None = None) -> None:
     stop = utils.StopFlag()
 
     def checkpoint() -> None:
-        if not all(torch.isfinite(t).all() for t in model.state_dict().values()
-                   if t.is_floating_point()):  # never overwrite the last good checkpoint
-            raise ValueError(f"weights became non-finite at step {step}; the last good "
-                             f"checkpoint {out_dir / 'last.pth'} is left as it was")
         utils.save_checkpoint({
             "task": "pretrain", "model": model.state_dict(),
             "bank": bank.state_dict() if bank is not None else None,

@@ -117,10 +117,15 @@ def check_finite_loss(loss: torch.Tensor, step: int, last_ckpt: str | Path) -> N
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Atomic write on rank 0: a crash mid-write never replaces the last good checkpoint."""
+    """Atomic write on rank 0: a crash mid-write never replaces the last good checkpoint, and
+    neither do non-finite weights (checked on every rank: DDP keeps their weights identical)."""
+    path = Path(path)
+    model = state.get("model", {})
+    if not all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()):
+        raise ValueError(f"weights became non-finite at step {state.get('step')}; the last good "
+                         f"checkpoint {path} is left as it was")
     if not is_main():
         return
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
