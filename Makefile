@@ -6,7 +6,7 @@ TOY  := data/toy
 # CPU threads: the two torchrun workers get one each, a single process gets them all
 THREADS ?= 2
 
-.PHONY: demo test venv clean
+.PHONY: demo test probe venv clean
 venv: .venv/.installed
 
 .venv/.installed: requirements.txt
@@ -35,6 +35,11 @@ demo: $(TOY)/.written
 	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt none --arch resnet14 $(FINETUNE_FLAGS) \
 		--out-dir $(RUN)/ft_scratch
 	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp --pretrain-log $(RUN)/pretrain/log.jsonl
+
+# after make demo: fine-tuned vs frozen backbone, MDP vs random init, 3 seeds (results/backbone_probe.md)
+probe: $(TOY)/.written
+	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/backbone_probe.py --ckpt $(RUN)/pretrain/last.pth \
+		-- $(FINETUNE_FLAGS)
 
 test: .venv/.installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q tests

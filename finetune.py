@@ -45,7 +45,7 @@ RECIPES = {
 # Taken from a fine-tuning checkpoint (--eval-only / --resume) when the flag is not given;
 # the first four define the network and must agree with it.
 INHERITED = ("dataset", "model", "arch", "output_stride", "iters", "crop_size", "base_size",
-             "batch_size", "eval_interval", "sliding_window", "window", "stride")
+             "batch_size", "eval_interval", "sliding_window", "window", "stride", "freeze_backbone")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +77,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MMSeg 'slide' inference (default: whole image)")
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="default: crop size")
     p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="default: 2/3 window")
+    p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction,
+                   help="train the head only (backbone weights get no gradient; BN statistics "
+                        "still follow the target): a probe of what the initialisation gives")
     p.add_argument("--num-overlays", type=int, default=4, help="prediction PNGs at the final eval")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
@@ -103,7 +106,7 @@ def resolve_args(args: argparse.Namespace, prev: dict | None, pre_arch: str | No
     recipe = RECIPES.get(args.dataset, RECIPES["voc"])  # folder:PATH datasets get the VOC recipe
     defaults = dict(model="deeplabv3", arch=pre_arch or "resnet50", output_stride=8,
                     iters=recipe["iters"], crop_size=recipe["crop_size"],
-                    base_size=recipe["base_size"], sliding_window=False)
+                    base_size=recipe["base_size"], sliding_window=False, freeze_backbone=False)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -406,6 +409,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
     train_set = MultiDataset([build_reader(args.dataset, args.data_root, "train")],
                              train_transform(tuple(args.base_size), tuple(args.crop_size)))
     use_cuda = device.type == "cuda"
+    model.backbone.requires_grad_(not args.freeze_backbone)  # before DDP records its parameters
     if (args.sync_bn if args.sync_bn is not None else use_cuda) and world > 1:
         if not use_cuda:
             raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
@@ -414,8 +418,8 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
         model = model.to(memory_format=torch.channels_last)
     ddp = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) \
         if world > 1 else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = utils.build_scheduler(optimizer, "poly", args.iters, power=args.power,
                                       min_lr=args.min_lr)
     sampler = DatasetMixSampler([len(train_set)], None, world, rank, seed=args.seed)

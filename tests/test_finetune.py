@@ -147,6 +147,32 @@ def test_backbone_loaded_from_pretraining_checkpoint(tmp_path: Path, capsys) -> 
     assert f"backbone: loaded {n}/{n} tensors" in capsys.readouterr().out
 
 
+def test_freeze_backbone_trains_the_head_only(toy_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    pre = tmp_path / "pretrain.pth"
+    utils.save_checkpoint({"task": "pretrain", "step": 0, "args": {"arch": "resnet14"},
+                           "model": MDPNet("resnet14", output_stride=8, embed_dim=16).state_dict()},
+                          pre)
+    p = run("--ckpt", str(pre), *TINY, "--freeze-backbone", "--num-overlays", "0",
+            "--out-dir", str(tmp_path / "ft"), root=toy_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = torch.load(tmp_path / "ft" / "last.pth", weights_only=False)
+    model = build_model("deeplabv3", "resnet14", 21)
+    names = [k for k, _ in model.named_parameters()]  # the optimizer's order
+    backbone = [k for k in names if k.startswith("backbone.")]
+    want = torch.load(pre, weights_only=False)["model"]
+    for k in backbone:  # every backbone weight is the pretrained one ...
+        assert torch.equal(state["model"][k], want[k]), k
+    # ... but BN statistics follow the target data
+    assert not torch.equal(state["model"]["backbone.bn1.running_mean"],
+                           want["backbone.bn1.running_mean"])
+    # the optimizer holds exactly the head's parameters, and every one of them got gradients
+    head = [k for k in names if not k.startswith("backbone.")]
+    momentum = state["optimizer"]["state"]
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(head) == len(momentum)
+    assert all(s["momentum_buffer"].abs().sum() > 0 for s in momentum.values())
+
+
 @pytest.mark.parametrize("case", ["wrong_kind", "no_backbone", "truncated", "missing_data",
                                   "bad_flag", "bad_value", "eval_only_pretrain"])
 def test_bad_input_one_line(case: str, scratch_run: Path, toy_root: Path, tmp_path: Path) -> None:
