@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import utils
-from datasets import IGNORE, DatasetMixSampler, LabelSpace, MultiDataset, build_reader, train_transform
+from datasets import (IGNORE, DatasetMixSampler, LabelSpace, MultiDataset, build_multidataset,
+                      train_transform)
 from losses import (ce_loss, csc_loss, downsample_labels, multihead_loss, pix2pix_loss,
                     prototype_contrast_loss)
 from mdp import ARCHS, MDPNet, init_from_imagenet
@@ -171,9 +172,8 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
 
 
 def build_data(args: argparse.Namespace) -> MultiDataset:
-    readers = [build_reader(name, args.data_root, "train") for name in args.datasets]
-    transform = train_transform(tuple(args.base_size), tuple(args.crop_size))
-    return MultiDataset(readers, transform)
+    return build_multidataset(args.datasets, args.data_root, "train",
+                              train_transform(tuple(args.base_size), tuple(args.crop_size)))
 
 
 def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
