@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -410,23 +409,14 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
                              train_transform(tuple(args.base_size), tuple(args.crop_size)))
     use_cuda = device.type == "cuda"
     model.backbone.requires_grad_(not args.freeze_backbone)  # before DDP records its parameters
-    if (args.sync_bn if args.sync_bn is not None else use_cuda) and world > 1:
-        if not use_cuda:
-            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    ddp = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) \
-        if world > 1 else model
+    model, ddp = utils.wrap_model(model, device,
+                                  args.sync_bn if args.sync_bn is not None else use_cuda)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = utils.build_scheduler(optimizer, "poly", args.iters, power=args.power,
                                       min_lr=args.min_lr)
     sampler = DatasetMixSampler([len(train_set)], None, world, rank, seed=args.seed)
-    per_epoch = len(sampler) // args.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images cannot fill one batch of "
-                         f"{args.batch_size} on each of {world} process(es)")
+    utils.batches_per_epoch(train_set, sampler, args.batch_size)  # an error before any work
     step, best, best_step = 0, -1.0, -1
     if prev is not None:
         optimizer.load_state_dict(prev["optimizer"])

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import utils
@@ -230,14 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.method == "mdp":
         bank = PrototypeBank(label_space.num_classes, args.embed_dim, args.bank_size).to(device)
     use_cuda = device.type == "cuda"
-    if args.sync_bn and world > 1:
-        if not use_cuda:
-            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    ddp = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 \
-        else model
+    model, ddp = utils.wrap_model(model, device, args.sync_bn)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay, foreach=True)
@@ -246,10 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                                       weight_decay=args.weight_decay, foreach=True)
 
     sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, world, rank, seed=args.seed)
-    iters_per_epoch = len(sampler) // args.batch_size
-    if iters_per_epoch == 0:
-        raise ValueError(f"{sum(dataset.sizes)} training images cannot fill one batch of "
-                         f"{args.batch_size} on each of {world} process(es)")
+    iters_per_epoch = utils.batches_per_epoch(dataset, sampler, args.batch_size)
     total = args.iters or args.epochs * iters_per_epoch
     scheduler = utils.build_scheduler(optimizer, args.schedule, total, args.warmup_iters,
                                       min_lr=args.min_lr)

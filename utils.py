@@ -72,6 +72,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def wrap_model(model: torch.nn.Module, device: torch.device,
+               sync_bn: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model, ddp): SyncBN when asked and world > 1 (CUDA only), channels_last on CUDA, and the
+    DDP wrapper to run forward through (the model itself in one process). Freeze parameters
+    before this: DDP records the ones that require gradients."""
+    use_cuda, world = device.type == "cuda", get_world_size()
+    if sync_bn and world > 1:
+        if not use_cuda:
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if use_cuda else None) if world > 1 else model
+    return model, ddp
+
+
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when any rank says True (e.g. SIGTERM reached one of them)."""
     t = torch.tensor([float(flag)], device=device)
@@ -196,13 +213,23 @@ class KeyedAugmentation(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
+def batches_per_epoch(dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sampler,
+                      batch_size: int) -> int:
+    """Full batches per epoch on each rank (the last partial one is dropped); 0 is an error."""
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training images cannot fill one batch of {batch_size} "
+                         f"on each of {get_world_size()} process(es)")
+    return per_epoch
+
+
 def epoch_loader(dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sampler, step: int,
                  batch_size: int, seed: int, workers: int,
                  pin_memory: bool = False) -> tuple[int, torch.utils.data.DataLoader]:
     """(epoch, loader over the batches left in the epoch that `step` falls in). Sampler order and
     augmentation depend only on (seed, epoch, sample), so a resumed run picks up mid-epoch exactly;
     the loader's own generator keeps it from drawing on the global RNG stream."""
-    per_epoch = len(sampler) // batch_size
+    per_epoch = batches_per_epoch(dataset, sampler, batch_size)
     epoch, first = divmod(step, per_epoch)
     sampler.set_epoch(epoch)
     indices = list(sampler)[first * batch_size: per_epoch * batch_size]
