@@ -11,7 +11,6 @@ CLI:  python mdp.py export --ckpt runs/x/checkpoint.pth --out resnet50_mdp.pth
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -153,8 +152,8 @@ def init_from_imagenet(model: nn.Module, path: str | Path) -> tuple[list[str], l
 
 def export_backbone(ckpt: str | Path, out: str | Path) -> int:
     """Writes the backbone of a training checkpoint as a torchvision ResNet state_dict (atomic:
-    tmp + os.replace). The keys are checked against a fresh ResNet of the checkpoint's arch."""
-    from utils import load_checkpoint  # the project's one-line checkpoint errors
+    utils.atomic_save). The keys are checked against a fresh ResNet of the checkpoint's arch."""
+    from utils import atomic_save, load_checkpoint  # the project's one-line checkpoint errors
 
     state = load_checkpoint(ckpt)
     args = state.get("args") or {}
@@ -165,11 +164,7 @@ def export_backbone(ckpt: str | Path, out: str | Path) -> int:
     if missing or unexpected:
         raise ValueError(f"{ckpt}: backbone does not match torchvision {arch} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, out)
+    atomic_save(sd, out)
     return len(sd)
 
 

@@ -141,11 +141,16 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     if not all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()):
         raise ValueError(f"weights became non-finite at step {state.get('step')}; the last good "
                          f"checkpoint {path} is left as it was")
-    if not is_main():
-        return
+    if is_main():
+        atomic_save(state, path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file, then rename: `path` is always the old file or the new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
