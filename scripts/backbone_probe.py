@@ -29,7 +29,7 @@ import utils  # noqa: E402
 from reproduce import git_commit, run_once  # noqa: E402
 
 INITS = ("scratch", "pretrained")
-MODES = ("fine-tuned", "frozen backbone")
+MODES = {"fine-tuned": ("ft", []), "frozen backbone": ("frozen", ["--freeze-backbone"])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,13 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     miou: dict[tuple[str, str], list[float]] = {}
     for seed in range(args.seeds):
         for init in INITS:
-            for mode in MODES:
-                out = work / f"{init}_{'frozen' if mode != 'fine-tuned' else 'ft'}_seed{seed}"
+            for mode, (tag, extra) in MODES.items():
+                out = work / f"{init}_{tag}_seed{seed}"
                 run_argv = [*flags, "--ckpt", args.ckpt if init == "pretrained" else "none",
                             "--arch", arch, "--seed", str(seed), "--out-dir", str(out),
-                            "--num-overlays", "0"]
-                if mode != "fine-tuned":
-                    run_argv.append("--freeze-backbone")
+                            "--num-overlays", "0", *extra]
                 run_once(out / "done", finetune.main, run_argv)
                 done.append((out / "done").stat().st_mtime)
                 res = json.loads((out / "results.json").read_text())
