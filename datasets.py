@@ -355,6 +355,19 @@ def denormalize(img: torch.Tensor) -> torch.Tensor:
     return (img * std + mean).clamp(0, 1)
 
 
+def draw_labels(img8: torch.Tensor, label: torch.Tensor, colours: list[tuple[int, int, int]]
+                ) -> torch.Tensor:
+    """img8 (3, H, W) uint8 with every class c of label (H, W) painted in colours[c] (alpha 0.6);
+    values outside [0, len(colours)), i.e. IGNORE, stay unpainted."""
+    from torchvision.utils import draw_segmentation_masks
+
+    present = [c for c in label.unique().tolist() if 0 <= c < len(colours)]
+    if not present:
+        return img8
+    masks = torch.stack([label == c for c in present])  # (n, H, W) bool
+    return draw_segmentation_masks(img8, masks, alpha=0.6, colors=[colours[c] for c in present])
+
+
 # ------------------------------------------------------------------------------------ multi-dataset
 class MultiDataset(Dataset):
     """The readers concatenated; items are (image (3,H,W) float, label (H,W) int64 global ids, dataset index)."""

@@ -237,24 +237,17 @@ def save_overlay(path: Path, image: torch.Tensor, label: torch.Tensor, pred: tor
     """PNG: image | ground truth | prediction, palette colours over the image.
     image (3, h, w) normalised; label, pred (H, W)."""
     from torchvision.io import write_png
-    from torchvision.utils import draw_segmentation_masks, make_grid
+    from torchvision.utils import make_grid
 
-    from datasets import voc_palette
+    from datasets import draw_labels, voc_palette
 
     flat = voc_palette()  # 256 RGB triples, the PASCAL colour map
     colours = [tuple(flat[3 * (c % 256): 3 * (c % 256) + 3]) for c in range(num_classes)]
     img = F.interpolate(denormalize(image[None].float().cpu()), size=label.shape[-2:],
                         mode="bilinear", align_corners=False)[0]
     img = (img.clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
-
-    def paint(lab: torch.Tensor) -> torch.Tensor:
-        present = [c for c in lab.unique().tolist() if 0 <= c < num_classes]
-        if not present:
-            return img
-        masks = torch.stack([lab == c for c in present])  # (n, H, W) bool
-        return draw_segmentation_masks(img, masks, alpha=0.6, colors=[colours[c] for c in present])
-
-    grid = make_grid([img, paint(label.cpu()), paint(pred.cpu())], nrow=3, padding=2, pad_value=255)
+    grid = make_grid([img, draw_labels(img, label.cpu(), colours),
+                      draw_labels(img, pred.cpu(), colours)], nrow=3, padding=2, pad_value=255)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png(grid, str(path))
 

@@ -177,9 +177,9 @@ def build_data(args: argparse.Namespace) -> MultiDataset:
 def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
     """Writes OUT_DIR/batch.png: N augmented, mixed images beside their label overlays (M6 made
     visible: region boxes drawn in white, pixel-level "intermediate class" areas hatched)."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid, save_image
+    from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-    from datasets import denormalize
+    from datasets import denormalize, draw_labels
     from mixing import REGION
 
     n = args.show_batch
@@ -189,15 +189,12 @@ def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
     images, y_a, _, w, info = mix_batch(images, labels, didx, args.mix,
                                         step_generator(args.seed, 0, 0), return_info=True)
     gen = torch.Generator().manual_seed(0)  # fixed, distinct colours per global class
-    colours = torch.randint(40, 256, (dataset.label_space.num_classes, 3), generator=gen).tolist()
+    colours = [tuple(c) for c in torch.randint(40, 256, (dataset.label_space.num_classes, 3),
+                                               generator=gen).tolist()]
     tiles = []
     for i, img in enumerate(denormalize(images)):
         img8 = (img * 255).round().to(torch.uint8)  # (3, H, W)
-        present = [c for c in y_a[i].unique().tolist() if c != IGNORE]
-        masks = torch.stack([y_a[i] == c for c in present]) if present else \
-            torch.zeros(0, *y_a.shape[1:], dtype=torch.bool)
-        over = draw_segmentation_masks(img8, masks, alpha=0.6,
-                                       colors=[tuple(colours[c]) for c in present])
+        over = draw_labels(img8, y_a[i], colours)
         ys, xs = torch.meshgrid(torch.arange(w.shape[1]), torch.arange(w.shape[2]), indexing="ij")
         hatch = (w[i] < 1) & ((ys + xs) % 4 == 0)  # (H, W) intermediate-class pixels
         over = torch.where(hatch, torch.full_like(over, 255), over)
