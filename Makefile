@@ -15,8 +15,8 @@ venv: .venv/.installed
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(TOY)/.written: .venv/.installed datasets.py
-	$(PY) datasets.py make-toy --root $(TOY)
+$(TOY)/.written: .venv/.installed datasets.py toy.py
+	$(PY) toy.py make-toy --root $(TOY)
 	touch $@
 
 # Toy budget: minutes on 2 CPU cores. resnet14 = a Bottleneck ResNet with one block per stage

@@ -40,6 +40,7 @@ from losses import csc_loss, downsample_labels, prototype_contrast_loss  # noqa:
 from mdp import MDPNet  # noqa: E402
 from mixing import hard_labels, mix_batch  # noqa: E402
 from prototypes import PrototypeBank  # noqa: E402
+from toy import make_toy  # noqa: E402
 
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)]  # dense
 VOC_ADE = [21, 150]  # classes per dataset of the step section: C = 171
@@ -229,8 +230,8 @@ def bench_loader(a: argparse.Namespace, device: torch.device) -> Rows:
         return n / (time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        toy = D.make_toy(Path(tmp) / "toy", n_train=64, n_val=1, datasets=("voc", "ade20k"))
-        full = D.make_toy(Path(tmp) / "full", n_train=32, n_val=1, size=500, datasets=("voc",))
+        toy = make_toy(Path(tmp) / "toy", n_train=64, n_val=1, datasets=("voc", "ade20k"))
+        full = make_toy(Path(tmp) / "full", n_train=32, n_val=1, size=500, datasets=("voc",))
         for label, root, names, base, crop in [  # base (W, H), crop (H, W)
                 ("toy VOC+ADE20K (~128 px)", toy, ["voc", "ade20k"], (256, 128), (128, 128)),
                 ("full-size 500x375 JPEG, VOC recipe", full, ["voc"], (2048, 512), (512, 512))]:

@@ -12,6 +12,6 @@ TOY_TRAIN, TOY_VAL = 24, 8
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """Data root holding VOCdevkit/VOC2012, ADEChallengeData2016, coco_stuff164k and cityscapes (toy)."""
-    from datasets import make_toy
+    from toy import make_toy
 
     return make_toy(tmp_path_factory.mktemp("toy"), n_train=TOY_TRAIN, n_val=TOY_VAL, seed=0)
