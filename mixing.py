@@ -12,6 +12,11 @@ Targets are (y_a, y_b, w) maps: loss = w CE(y_a) + (1-w) CE(y_b) (see losses.py)
 Reproducibility: every random number is drawn in float64 from the given CPU torch.Generator, in a
 fixed order (see `mix_batch`); everything else is deterministic tensor ops, so a seeded generator
 gives the same mix on CPU and GPU.
+
+No host synchronisation on an accelerator when the caller passes `num_classes` and a CPU
+`dataset_index`: the draws stay on the CPU (drawing there does not wait for the GPU), reach the
+device in two asynchronous copies, and every shape is fixed by (B, H, W, num_classes), never by the
+labels, so a CUDA step runs under `torch.cuda.set_sync_debug_mode("error")`.
 """
 from __future__ import annotations
 
@@ -41,6 +46,15 @@ def region_boxes(lam: torch.Tensor, height: int, width: int,
     return torch.stack([x0, y0, x1, y1], 1)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without a host sync: a blocking host-to-device copy waits for the
+    stream (and fails under sync debug mode "error"), so CUDA gets an asynchronous copy from pinned
+    memory (the pinned block is not reused before the copy has run)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def choose_partners(dataset_index: torch.Tensor,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) dataset index -> (B,) int64 partner index (on dataset_index's device).
@@ -61,7 +75,7 @@ def choose_partners(dataset_index: torch.Tensor,
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, dataset_index: torch.Tensor,
               mode: str = "both", generator: torch.Generator | None = None, p_region: float = 0.5,
-              return_info: bool = False):
+              return_info: bool = False, num_classes: int | None = None):
     """M6 mixing of a batch -> (images, y_a, y_b, w) [, info].
 
     images (B, 3, H, W) float, labels (B, H, W) int64 global ids / IGNORE, dataset_index (B,).
@@ -71,10 +85,17 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, dataset_index: torch.T
     identity (w = 1, y_b = y_a, no random draw). An image whose partner is itself is unmixed.
     With return_info, a 5th output dict (for tests / visualisation) holds "mode" (B,) int64
     (0 none, 1 region, 2 pixel), "partner" (B,), "lam" (B,), "boxes" (B, 4) and
-    "classes" (B, C) bool (the partner classes pasted by pixel mixing).
+    "classes" (B, C) bool (the partner classes pasted by pixel mixing, C = num_classes).
+
+    num_classes: a bound on the label ids (labels < num_classes), e.g. the label space's size. With
+    it and a CPU dataset_index nothing is read back from the device, so mixing a CUDA batch needs no
+    host sync. None (the old call) takes labels.max() + 1: a host sync on an accelerator. The mix
+    itself is the same for every bound (see the class keys below); only the generator's state
+    afterwards depends on it, as num_classes sets the number of class keys drawn.
 
     Draw order on `generator` (float64): partner keys (B, B); mode u (B,); lambda (B,);
-    r_x (B,), r_y (B,); class keys (B, C) with C = labels.max() + 1.
+    r_x (B,), r_y (B,); B * num_classes class keys, read as torch.rand(B, C') with
+    C' = max(labels.max() + 1, 1) would give them: the key of image i's class c is draw i * C' + c.
     """
     if mode not in MODES:
         raise ValueError(f"mix_batch: unknown mode {mode!r}; expected one of {MODES}")
@@ -93,24 +114,39 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, dataset_index: torch.T
         return out
 
     # --- small random draws on the CPU generator (fixed order, see docstring) ---
-    partner = choose_partners(dataset_index, generator).cpu()  # (B,)
+    # a device dataset_index is read back here (a sync); train_pretrain passes the loader's CPU one
+    partner = choose_partners(dataset_index.cpu(), generator)  # (B,)
     u = torch.rand(b, generator=generator, dtype=torch.float64)
     lam = torch.rand(b, generator=generator, dtype=torch.float64)
     boxes = region_boxes(lam, h, w_, generator)  # (B, 4)
-    num_classes = max(int(labels.max()) + 1, 1)
-    keys = torch.rand(b, num_classes, generator=generator, dtype=torch.float64)
-    # argsort of iid keys: a uniform random permutation, used as distinct class priorities
-    # (integers, so picking the top ones has no ties and is identical on every device)
-    prio = keys.argsort(1)  # (B, C)
+    if num_classes is None:
+        num_classes = max(int(labels.max()) + 1, 1)  # host sync on an accelerator
+    elif labels.device.type == "cpu" and labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f"mix_batch: label {int(labels.max())} out of range for "
+                         f"{num_classes} classes")
+    keys = torch.rand(b * num_classes, generator=generator, dtype=torch.float64)  # (B*C,)
 
     is_region = (u < p_region) & (mode in ("both", "region"))
     is_pixel = (u >= p_region) & (mode in ("both", "pixel"))
     kind = torch.where(is_region, REGION, torch.where(is_pixel, PIXEL, NONE))
     kind = kind.masked_fill(partner == torch.arange(b), NONE)  # mixing with oneself is a no-op
 
-    # --- masks and blending on the batch's device ---
-    partner, kind, boxes, prio = (t.to(dev) for t in (partner, kind, boxes, prio))
-    lam_d = lam.to(dev, images.dtype)  # (B,)
+    # --- masks and blending on the batch's device: two asynchronous copies carry every draw ---
+    ints = _to_device(torch.cat([partner[:, None], kind[:, None], boxes], 1), dev)  # (B, 6)
+    floats = _to_device(torch.cat([lam, keys]), dev)  # (B + B*C,) float64
+    partner, kind, boxes = ints[:, 0], ints[:, 1], ints[:, 2:]
+    lam_d = floats[:b].to(images.dtype)  # (B,)
+    # class priorities from the keys as torch.rand(B, C') would lay them out (see the docstring), so
+    # the mix does not depend on num_classes; C' stays on the device. Classes >= C' are absent from
+    # the batch: an infinite key sorts them last, leaving the first C' priorities as before
+    c_used = (labels.max() + 1).clamp(min=1)  # () on the device
+    cls = torch.arange(num_classes, device=dev)  # (C,)
+    used = cls < c_used  # (C,)
+    ckeys = floats[b:][torch.where(used, torch.arange(b, device=dev)[:, None] * c_used + cls, 0)]
+    ckeys = ckeys.masked_fill(~used, float("inf"))  # (B, C)
+    # argsort of iid keys: a uniform random permutation, used as distinct class priorities
+    # (integers, so picking the top ones has no ties and is identical on every device)
+    prio = ckeys.argsort(dim=1, stable=True)  # (B, C)
     xp, lp = images[partner], labels[partner]  # (B, 3, H, W), (B, H, W) from the original batch
 
     # region: box mask (B, H, W)

@@ -7,6 +7,15 @@ The bank is updated from the whole global batch before the loss of the step: eve
 means are gathered in rank order, so every rank writes the same means in the same order and holds a
 bit-identical bank. A class never seen is empty (`filled` False, prototype zero) and must be left out
 of every softmax (M4). All updates are batched tensor ops; nothing loops over classes or images.
+
+No host synchronisation on an accelerator: every shape is fixed by (B, C, D, Q, world), never by
+the labels, and nothing reads a device value on the host, so a CUDA step runs under
+`torch.cuda.set_sync_debug_mode("error")`. Absent (image, class) pairs travel as masked rows
+instead of being compacted away. Two consequences:
+- label ids are range-checked with a ValueError on the CPU only; on an accelerator an asynchronous
+  device-side assertion (`torch._assert_async`) aborts the process at its next sync instead;
+- under DDP on an accelerator every rank must pass the same batch size (train_pretrain's loader
+  drops the last incomplete batch); CPU (gloo) ranks may differ. See `update`.
 """
 from __future__ import annotations
 
@@ -20,23 +29,31 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
-    """Concatenates every rank's (n_r, K) rows in rank order; n_r may differ between ranks."""
+def _gather_ranks(x: torch.Tensor, equal_batches: bool | None = None) -> torch.Tensor:
+    """Stacks every rank's (B_r, ...) rows in rank order -> (world * B_max, ...); the rows a rank
+    pads beyond its B_r are zero.
+
+    equal_batches (default: True unless x is on the CPU) skips the exchange of the B_r: one
+    fixed-shape all_gather and no host sync, but the ranks must agree on B (a mismatch is undefined
+    behaviour for NCCL; TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check collective shapes). False
+    exchanges them first: free on the CPU, a host sync on an accelerator.
+    """
     if not _dist_on() or dist.get_world_size() == 1:
         return x
     world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    if max(sizes) == 0:
+    if equal_batches is None:
+        equal_batches = x.device.type != "cpu"
+    if not equal_batches:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        b_max = max(int(s) for s in sizes)
+        x = torch.cat([x, x.new_zeros((b_max - x.shape[0],) + x.shape[1:])])
+    if x.shape[0] == 0:  # every rank is empty (B equal, or b_max == 0)
         return x
-    # all_gather needs equal shapes: pad to the largest rank, then trim
-    padded = x.new_zeros(max(sizes), x.shape[1])
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x)
+    return torch.cat(out)
 
 
 class PrototypeBank(nn.Module):
@@ -62,10 +79,22 @@ class PrototypeBank(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, bank_size={self.bank_size}"
 
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Label ids must be < C: a ValueError on the CPU; on an accelerator reading the maximum
+        would be a host sync, so a device-side assertion fails the process asynchronously."""
+        C = self.num_classes
+        if not labels.numel():
+            return
+        if labels.device.type == "cpu":
+            if int(labels.max()) >= C:
+                raise ValueError(f"label {int(labels.max())} out of range for {C} classes")
+        else:
+            torch._assert_async((labels < C).all(), f"PrototypeBank: a label is >= {C} classes")
+
     @torch.no_grad()
     def image_means(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step one. z (B, D, h, w), labels (B, h, w) int64, negative = ignore.
-        Returns means (N, D) L2-normalised and their classes (N,), ordered by (image, class)."""
+        Returns means (B, C, D), L2-normalised and zero where absent, and present (B, C) bool."""
         B, D, h, w = z.shape
         C = self.num_classes
         if labels.shape != (B, h, w):
@@ -73,51 +102,85 @@ class PrototypeBank(nn.Module):
                              f"{tuple(labels.shape)}; downsample them to the feature size first")
         if D != self.dim:
             raise ValueError(f"embedding dim {D} does not match the bank's {self.dim}")
-        if labels.numel() and int(labels.max()) >= C:
-            raise ValueError(f"label {int(labels.max())} out of range for {C} classes")
+        self._check_labels(labels)
         zf = z.detach().float().permute(0, 2, 3, 1).reshape(B * h * w, D)  # (B*h*w, D)
         lab = labels.reshape(B, h * w)
-        # one bucket per (image, class): index b*C + c; ignored pixels are dropped
-        idx = (torch.arange(B, device=z.device).unsqueeze(1) * C + lab).reshape(-1)  # (B*h*w,)
-        keep = lab.reshape(-1) >= 0
-        idx, zf = idx[keep], zf[keep]
-        sums = zf.new_zeros(B * C, D).index_add_(0, idx, zf)  # (B*C, D)
-        counts = torch.bincount(idx, minlength=B * C)  # (B*C,)
-        present = counts.nonzero().squeeze(1)  # (N,) sorted: image, then class
-        means = F.normalize(sums[present] / counts[present].unsqueeze(1), dim=1)  # (N, D)
-        return means, present % C
+        # one bucket per (image, class): index b*C + c. Ignored pixels go to a spare bucket B*C
+        # instead of being masked out: the shapes stay fixed, and every real bucket still sums its
+        # own pixels in pixel order (index_add_ adds in index order on the CPU)
+        idx = torch.where(lab >= 0, torch.arange(B, device=z.device).unsqueeze(1) * C + lab, B * C)
+        idx = idx.reshape(-1)  # (B*h*w,)
+        sums = zf.new_zeros(B * C + 1, D).index_add_(0, idx, zf)[:-1]  # (B*C, D)
+        # integer counts by index_add_: torch.bincount would read the maximum index on the host
+        counts = torch.zeros(B * C + 1, dtype=torch.long, device=z.device)
+        counts = counts.index_add_(0, idx, torch.ones_like(idx))[:-1]  # (B*C,)
+        # absent buckets: 0 / 1 -> normalise(0) = 0, and `present` keeps them out of the bank
+        means = F.normalize(sums / counts.clamp(min=1).unsqueeze(1), dim=1)  # (B*C, D)
+        return means.view(B, C, D), (counts > 0).view(B, C)
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, labels: torch.Tensor,
+               equal_batches: bool | None = None) -> None:
         """One M3 update from this rank's batch (and, under DDP, every other rank's).
-        z (B, D, h, w) embeddings (detached here), labels (B, h, w) hard labels, IGNORE (-1) skipped."""
-        means, cls = self.image_means(z, labels)  # (n, D), (n,)
-        # one all_gather carries both; class ids are exact in float32 (C < 2**24)
-        packed = _all_gather_varlen(torch.cat([means, cls.unsqueeze(1).to(means.dtype)], dim=1))
-        if packed.shape[0] == 0:
-            return
-        self.write(packed[:, :-1].to(self.memory.dtype), packed[:, -1].long())
+        z (B, D, h, w) embeddings (detached here), labels (B, h, w) hard labels, IGNORE skipped.
+
+        equal_batches: under DDP, whether every rank passes the same B. The default assumes so on an
+        accelerator (no host sync) and exchanges the batch sizes on the CPU (no device to sync);
+        False on an accelerator allows unequal batches at the cost of one host sync.
+        """
+        means, present = self.image_means(z, labels)  # (B, C, D), (B, C)
+        if _dist_on() and dist.get_world_size() > 1:
+            # one all_gather carries both: `present` as a 0/1 column
+            packed = torch.cat([means, present.unsqueeze(2).to(means.dtype)], dim=2)  # (B, C, D+1)
+            packed = _gather_ranks(packed, equal_batches)  # (G, C, D+1), rank order
+            means, present = packed[..., :-1], packed[..., -1] > 0
+        G, C, D = means.shape
+        # rows in (image, class) order: per class, the images arrive in rank, then batch order
+        self.write(means.reshape(G * C, D).to(self.memory.dtype),
+                   torch.arange(C, device=means.device).repeat(G), present.reshape(G * C))
 
     @torch.no_grad()
-    def write(self, means: torch.Tensor, cls: torch.Tensor) -> None:
+    def write(self, means: torch.Tensor, cls: torch.Tensor,
+              valid: torch.Tensor | None = None) -> None:
         """Appends means (N, D) of classes cls (N,) to the ring buffers in the given order, then
-        recomputes the prototypes of the classes touched (step two)."""
+        recomputes the prototypes of the classes touched (step two). Rows whose `valid` (N,) bool
+        is False are skipped (their cls must still lie in [0, C)); all shapes are fixed by N."""
         C, Q = self.num_classes, self.bank_size
         N = cls.shape[0]
-        n_c = torch.bincount(cls, minlength=C)  # (C,) new means per class
+        if N == 0:
+            return
+        dev = cls.device
+        if valid is None:
+            valid = torch.ones_like(cls, dtype=torch.bool)
+        key = torch.where(valid, cls, C)  # (N,) skipped rows -> spare class C
+        # per-class counts by index_add_: torch.bincount would read the largest class on the host
+        n = torch.zeros(C + 1, dtype=torch.long, device=dev)
+        n = n.index_add_(0, key, torch.ones_like(key))  # (C+1,)
+        n_c = n[:C]  # (C,) new means per class
         # rank of each mean among the new means of its class, in arrival order
-        order = torch.sort(cls, stable=True).indices  # (N,)
-        first = torch.cumsum(n_c, 0) - n_c  # (C,) start of each class's run in sorted order
+        order = torch.sort(key, stable=True).indices  # (N,)
+        first = torch.cumsum(n, 0) - n  # (C+1,) start of each class's run in sorted order
         pos = torch.empty_like(cls)
-        pos[order] = torch.arange(N, device=cls.device) - first[cls[order]]  # (N,)
+        pos[order] = torch.arange(N, device=dev) - first[key[order]]  # (N,)
         slot = (self.count[cls] + pos) % Q
-        # more than Q new means of a class: only its last Q survive; dropping the rest keeps the
-        # (class, slot) indices unique, so index_put_ is deterministic
-        keep = pos >= n_c[cls] - Q
-        self.memory.index_put_((cls[keep], slot[keep]), means[keep])
+        # more than Q new means of a class: only its last Q survive, so the (class, slot) pairs kept
+        # are unique
+        keep = valid & (pos >= n_c[cls] - Q)
+        # the other rows are written too (fixed shape), each as a copy of a write that happens
+        # anyway: the class's last new mean (always kept) at its slot, or for a class without new
+        # means its slot 0's current value. Duplicate indices then all carry identical bits, so
+        # index_put_'s unspecified order among them cannot change the result
+        last = torch.full((C + 1,), -1, dtype=torch.long, device=dev)
+        last = last.scatter_reduce_(0, key, torch.arange(N, device=dev), "amax")[:C]  # (C,) -1 none
+        has = n_c > 0  # (C,)
+        fb_slot = torch.where(has, (self.count + n_c - 1) % Q, 0)  # (C,)
+        fb_val = torch.where(has.unsqueeze(1), means[last.clamp(min=0)], self.memory[:, 0])
+        slot = torch.where(keep, slot, fb_slot[cls])
+        self.memory.index_put_((cls, slot), torch.where(keep.unsqueeze(1), means, fb_val[cls]))
         self.count += n_c
-        # step two, for the touched classes only; empty slots are zero, so the full sum over Q is
-        # the sum over the filled slots
-        upd = (n_c > 0).nonzero().squeeze(1)  # (U,)
-        n_filled = self.count[upd].clamp(max=Q).unsqueeze(1).to(self.memory.dtype)  # (U, 1)
-        self.prototypes[upd] = F.normalize(self.memory[upd].sum(1) / n_filled, dim=1)
+        # step two for every class (a fixed shape), kept for the touched ones. Empty slots are
+        # zero, so the full sum over Q is the sum over the filled slots; a class's sum and
+        # normalise do not depend on the other classes, so its bits are those of a per-class update
+        n_filled = self.count.clamp(min=1, max=Q).unsqueeze(1).to(self.memory.dtype)  # (C, 1)
+        fresh = F.normalize(self.memory.sum(1) / n_filled, dim=1)  # (C, D)
+        self.prototypes.copy_(torch.where(has.unsqueeze(1), fresh, self.prototypes))

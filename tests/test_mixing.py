@@ -190,3 +190,67 @@ def test_mix_batch_same_on_cuda():
     for u, v in zip(cpu, gpu):
         assert v.device.type == "cuda"
         torch.testing.assert_close(v.cpu(), u, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- num_classes: no sync
+@pytest.mark.parametrize("mode", ["both", "region", "pixel"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mix_batch_num_classes_bound_changes_no_output(mode, seed):
+    """Any bound on the label ids gives the mix of the old call (num_classes=None), bit for bit,
+    and so the naive loop's; it only sets how many class keys are drawn."""
+    images, labels, ds = batch(seed=seed)
+    B, c_used = len(ds), int(labels.max()) + 1
+    ref = mixing.mix_batch(images, labels, ds, mode, torch.Generator().manual_seed(seed),
+                           return_info=True)
+    _, nya, nyb, _, nmode, npartner = naive_mix(images, labels, ds, mode, seed)
+    for bound in (c_used, c_used + 1, 171):
+        g = torch.Generator().manual_seed(seed)
+        out = mixing.mix_batch(images, labels, ds, mode, g, return_info=True, num_classes=bound)
+        assert all(torch.equal(u, v) for u, v in zip(ref[:4], out[:4]))
+        for k in ("mode", "partner", "lam", "boxes"):
+            assert torch.equal(ref[4][k], out[4][k]), k
+        classes = out[4]["classes"]  # (B, bound): the old (B, c_used) padded with absent classes
+        assert classes.shape == (B, bound) and torch.equal(classes[:, :c_used], ref[4]["classes"])
+        assert not classes[:, c_used:].any()
+        assert torch.equal(out[4]["mode"], nmode) and torch.equal(out[4]["partner"], npartner)
+        assert torch.equal(out[1], nya) and torch.equal(out[2], nyb)
+        # the generator moved past B*B + 4*B draws and B * bound class keys
+        after = torch.Generator().manual_seed(seed)
+        torch.rand(B * B + 4 * B + B * bound, generator=after, dtype=torch.float64)
+        assert torch.equal(g.get_state(), after.get_state())
+
+
+def test_mix_batch_label_beyond_num_classes():
+    images, labels, ds = batch(seed=8)
+    with pytest.raises(ValueError, match="out of range"):
+        mixing.mix_batch(images, labels, ds, "both", torch.Generator(), num_classes=int(labels.max()))
+
+
+def test_mix_batch_reads_nothing_back_from_the_device():
+    """On the meta device any host read of a tensor value (.item(), nonzero, a boolean-mask index,
+    a value-dependent shape) raises: the stand-in, on the CPU, for sync debug mode on a GPU. The
+    draws and dataset_index stay on the CPU, as in the training loop."""
+    images = torch.empty(5, 3, 6, 7, device="meta")
+    labels = torch.empty(5, 6, 7, dtype=torch.long, device="meta")
+    ds = torch.tensor([0, 1, 0, 2, 1])
+    for mode in mixing.MODES:
+        x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, mode, torch.Generator().manual_seed(0),
+                                              return_info=True, num_classes=9)
+        assert x.shape == images.shape and ya.shape == yb.shape == w.shape == labels.shape
+        assert info["mode"].device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mix_batch_without_host_sync_on_cuda():
+    images, labels, ds = batch(b=8, h=33, w=41, c=40, seed=7, ds=(0, 1, 2, 0, 1, 2, 0, 0))
+    cpu = mixing.mix_batch(images, labels, ds, "both", torch.Generator().manual_seed(3))
+    images_d, labels_d = images.cuda(), labels.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = mixing.mix_batch(images_d, labels_d, ds, "both", torch.Generator().manual_seed(3),
+                               num_classes=171)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for u, v in zip(cpu, gpu):
+        torch.testing.assert_close(v.cpu(), u, atol=1e-6, rtol=0)
