@@ -4,13 +4,17 @@ Backbone: torchvision's standard ResNet (not v1c), layer3/layer4 dilated for out
 (16 by flag). Projection head [R]: 1x1 conv 2048->2048, BN, ReLU, 1x1 conv 2048->D; the embedding
 is L2-normalised along channels. Only the backbone is transferred [S], so `backbone_state_dict`
 returns it in torchvision's own key names, loadable into `torchvision.models.resnet50`, the
-DeepLabV3 / FCN backbones and Mask R-CNN's `backbone.body`.
+DeepLabV3 / FCN backbones and Mask R-CNN's `backbone.body`; `--format detectron2` writes the same
+tensors renamed for detectron2's ResNet, as the pickle its checkpointer reads.
 
 CLI:  python mdp.py export --ckpt runs/x/checkpoint.pth --out resnet50_mdp.pth
+      python mdp.py export --ckpt runs/x/checkpoint.pth --out resnet50_mdp.pkl --format detectron2
 """
 from __future__ import annotations
 
-import argparse
+import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -150,11 +154,51 @@ def init_from_imagenet(model: nn.Module, path: str | Path) -> tuple[list[str], l
     return loaded, missing
 
 
-def export_backbone(ckpt: str | Path, out: str | Path) -> int:
-    """Writes the backbone of a training checkpoint as a torchvision ResNet state_dict (atomic:
-    utils.atomic_save). The keys are checked against a fresh ResNet of the checkpoint's arch."""
+# torchvision ResNet key: stem ("conv1.weight", "bn1.bias") or "layer<N>.<block>.<module>.<leaf>"
+_TV_KEY = re.compile(r"(?:layer(?P<stage>\d)\.(?P<block>\d+)\.)?"
+                     r"(?P<module>conv\d|bn\d|downsample\.[01])\.(?P<leaf>\w+)")
+
+
+def detectron2_key(name: str) -> str:
+    """torchvision ResNet key -> detectron2 ResNet key, e.g. "bn1.running_mean" ->
+    "stem.conv1.norm.running_mean", "layer1.0.bn2.weight" -> "res2.0.conv2.norm.weight",
+    "layer3.0.downsample.0.weight" -> "res4.0.shortcut.weight". detectron2 hangs each BN under
+    the conv it follows (".norm"); the BN leaf names (weight, bias, running_*) stay."""
+    m = _TV_KEY.fullmatch(name)
+    if m is None:
+        raise ValueError(f"not a torchvision ResNet backbone key: {name!r}")
+    module = m["module"]
+    if module.startswith("downsample"):  # downsample.0 is the 1x1 conv, downsample.1 its BN
+        module = "shortcut" if module.endswith("0") else "shortcut.norm"
+    elif module.startswith("bn"):  # bnK follows convK
+        module = f"conv{module[2:]}.norm"
+    where = f"res{int(m['stage']) + 1}.{m['block']}" if m["stage"] else "stem"
+    return f"{where}.{module}.{m['leaf']}"
+
+
+def detectron2_checkpoint(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What detectron2's DetectionCheckpointer reads from a .pkl: numpy arrays under "model";
+    "matching_heuristics" lets it match "res2.0.conv1.weight" to "backbone.bottom_up.res2..."."""
+    model = {detectron2_key(k): v.detach().cpu().numpy() for k, v in sd.items()}
+    return {"model": model, "__author__": "MDP", "matching_heuristics": True}
+
+
+FORMATS = ("torchvision", "detectron2")
+
+
+def export_backbone(ckpt: str | Path, out: str | Path, fmt: str = "torchvision") -> int:
+    """Writes the backbone of a training checkpoint as a torchvision ResNet state_dict, or as
+    detectron2's pickle (`fmt="detectron2"`); atomic either way. The keys are checked against a
+    fresh ResNet of the checkpoint's arch. Returns the number of tensors written."""
     from utils import atomic_save, load_checkpoint  # the project's one-line checkpoint errors
 
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {list(FORMATS)}")
+    out = Path(out)
+    if fmt == "detectron2" and out.suffix != ".pkl":
+        # detectron2 picks its reader by extension: any other name goes to torch.load and fails
+        raise ValueError(f"--format detectron2 writes a pickle that detectron2 reads only from a "
+                         f"*.pkl file; got --out {out}")
     state = load_checkpoint(ckpt)
     args = state.get("args") or {}
     arch = args.get("arch", "resnet50") if isinstance(args, Mapping) else getattr(args, "arch", "resnet50")
@@ -164,20 +208,31 @@ def export_backbone(ckpt: str | Path, out: str | Path) -> int:
     if missing or unexpected:
         raise ValueError(f"{ckpt}: backbone does not match torchvision {arch} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    atomic_save(sd, out)
+    if fmt == "torchvision":
+        atomic_save(sd, out)
+    else:  # a plain pickle, not torch.save's zip: temp file + rename as in utils.atomic_save
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_bytes(pickle.dumps(detectron2_checkpoint(sd)))
+        os.replace(tmp, out)
     return len(sd)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    from utils import ArgumentParser  # one-line errors, also for a bad --format
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("export", help="write the backbone of a training checkpoint as a "
-                                      "torchvision ResNet state_dict")
+                                      "torchvision ResNet state_dict or a detectron2 .pkl")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
-    args = parser.parse_args()
-    n = export_backbone(args.ckpt, args.out)
-    print(f"wrote {n} backbone tensors to {args.out}")
+    p.add_argument("--format", default="torchvision", choices=FORMATS,
+                   help="torchvision: a state_dict (.pth) for torchvision / timm / smp / mmseg; "
+                        "detectron2: a .pkl for MODEL.WEIGHTS (default: %(default)s)")
+    args = parser.parse_args(argv)
+    n = export_backbone(args.ckpt, args.out, args.format)
+    print(f"wrote {n} backbone tensors ({args.format}) to {args.out}")
 
 
 if __name__ == "__main__":
