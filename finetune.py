@@ -44,7 +44,8 @@ RECIPES = {
 # Taken from a fine-tuning checkpoint (--eval-only / --resume) when the flag is not given;
 # the first four define the network and must agree with it.
 INHERITED = ("dataset", "model", "arch", "output_stride", "iters", "crop_size", "base_size",
-             "batch_size", "eval_interval", "sliding_window", "window", "stride", "freeze_backbone")
+             "batch_size", "eval_interval", "sliding_window", "window", "stride", "freeze_backbone",
+             "train_fraction", "train_images", "subset_seed", "lr")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +54,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "imagenet:PATH (torchvision ResNet state_dict)")
     p.add_argument("--dataset", help="voc ade20k cityscapes coco_stuff folder:PATH")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--model", choices=["deeplabv3", "fcn"], help="default deeplabv3")
+    p.add_argument("--model", choices=["deeplabv3", "fcn", "linear"],
+                   help="default deeplabv3; linear = linear probe: frozen backbone (BN statistics "
+                        "included) and a BN + 1x1 classifier on its output-stride features")
     p.add_argument("--arch", choices=sorted(ARCHS), help="default: the checkpoint's, else resnet50")
     p.add_argument("--output-stride", type=int, choices=[8, 16], help="default 8")
     p.add_argument("--iters", type=int, help="default: the dataset's recipe")
@@ -61,7 +64,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-size", type=int, nargs=2, metavar=("W", "H"),
                    help="rescale base scale (MMSeg img_scale), train and eval")
     p.add_argument("--batch-size", type=int, help="per process (default: recipe total / world)")
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--train-fraction", type=float,
+                   help="label-efficient fine-tuning: train on this fraction of the training images "
+                        "(drawn once from --subset-seed, listed in OUT_DIR/train_subset.txt)")
+    p.add_argument("--train-images", type=int, help="the same as a count of images")
+    p.add_argument("--subset-seed", type=int, help="seed of the training subset (default 0)")
+    p.add_argument("--lr", type=float, help="default 0.01 (linear probe: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--min-lr", type=float, default=1e-4)
@@ -80,7 +88,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train the head only (backbone weights get no gradient; BN statistics "
                         "still follow the target): a probe of what the initialisation gives")
     p.add_argument("--num-overlays", type=int, default=4, help="prediction PNGs at the final eval")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help="SyncBatchNorm (default on under DDP on CUDA)")
     p.add_argument("--seed", type=int, default=0)
@@ -103,9 +113,13 @@ def resolve_args(args: argparse.Namespace, prev: dict | None, pre_arch: str | No
     if args.dataset is None:
         raise ValueError("--dataset is required (voc, ade20k, cityscapes, coco_stuff, folder:PATH)")
     recipe = RECIPES.get(args.dataset, RECIPES["voc"])  # folder:PATH datasets get the VOC recipe
+    linear = args.model == "linear"
+    if linear and args.freeze_backbone is False:
+        raise ValueError("--model linear is a linear probe: its backbone is always frozen")
     defaults = dict(model="deeplabv3", arch=pre_arch or "resnet50", output_stride=8,
                     iters=recipe["iters"], crop_size=recipe["crop_size"],
-                    base_size=recipe["base_size"], sliding_window=False, freeze_backbone=False)
+                    base_size=recipe["base_size"], sliding_window=False, freeze_backbone=linear,
+                    lr=0.1 if linear else 0.01, subset_seed=0)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -123,6 +137,12 @@ def resolve_args(args: argparse.Namespace, prev: dict | None, pre_arch: str | No
         v = getattr(args, name)
         if min(v if isinstance(v, list) else [v]) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.train_fraction is not None and args.train_images is not None:
+        raise ValueError("give --train-fraction or --train-images, not both")
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.train_images is not None and args.train_images < 1:
+        raise ValueError(f"--train-images must be >= 1, got {args.train_images}")
     if args.lr <= 0 or args.workers < 0 or args.num_overlays < 0:
         raise ValueError("--lr must be > 0, --workers and --num-overlays >= 0")
 
@@ -131,12 +151,38 @@ def resolve_args(args: argparse.Namespace, prev: dict | None, pre_arch: str | No
 # model and checkpoints
 
 
+class LinearProbe(nn.Module):
+    """The standard measure of a representation: the backbone frozen, BN statistics included (it
+    stays in eval mode), and a linear classifier on its output-stride features, with the
+    parameter-free BN a linear probe usually carries (as MAE's). Returns {"out": (B, K, H, W)}."""
+
+    def __init__(self, backbone: nn.Module, width: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.classifier = nn.Sequential(nn.BatchNorm2d(width, affine=False),
+                                        nn.Conv2d(width, num_classes, 1))
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.backbone.eval()  # its BN running statistics are part of what is probed
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            feats = self.backbone(x)["out"]  # (B, 2048, H/os, W/os)
+        logits = self.classifier(feats)  # (B, K, H/os, W/os)
+        return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear",
+                                     align_corners=False)}
+
+
 def build_model(name: str, arch: str, num_classes: int, output_stride: int = 8) -> nn.Module:
-    """torchvision DeepLabV3 / FCN on mdp.build_resnet, no auxiliary head (M9).
+    """torchvision DeepLabV3 / FCN on mdp.build_resnet, no auxiliary head (M9), or LinearProbe.
     Returns {"out": logits (B, K, H, W)} at the input size."""
     resnet = build_resnet(arch, output_stride)
     width = resnet.fc.in_features  # 2048 for every Bottleneck ResNet
     backbone = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})  # drops avgpool, fc
+    if name == "linear":
+        return LinearProbe(backbone, width, num_classes)
     if name == "fcn":
         return FCN(backbone, FCNHead(width, num_classes), None)
     return DeepLabV3(backbone, DeepLabHead(width, num_classes), None)
@@ -253,10 +299,9 @@ def save_overlay(path: Path, image: torch.Tensor, label: torch.Tensor, pred: tor
 
 
 def predict(model: nn.Module, image: torch.Tensor, size: torch.Size, window: list[int] | None,
-            stride: list[int] | None, amp: bool = False) -> torch.Tensor:
+            stride: list[int] | None, amp: torch.dtype | None = None) -> torch.Tensor:
     """image (1, 3, h, w) -> class map (1, H, W) at `size`, the label's original size (M9)."""
-    with torch.autocast(image.device.type, dtype=torch.bfloat16,
-                        enabled=amp and image.device.type == "cuda"):
+    with utils.autocast(image.device, amp):
         logits = slide_inference(model, image, window, stride) if window else model(image)["out"]
     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     return logits.argmax(1)
@@ -264,7 +309,8 @@ def predict(model: nn.Module, image: torch.Tensor, size: torch.Size, window: lis
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device,
-             window: list[int] | None = None, stride: list[int] | None = None, amp: bool = False,
+             window: list[int] | None = None, stride: list[int] | None = None,
+             amp: torch.dtype | None = None,
              workers: int = 0, overlay_dir: Path | None = None, num_overlays: int = 0) -> dict:
     """Whole-image (or sliding-window when `window` is set) inference over the full validation set.
 
@@ -374,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     model.to(device)
     if args.eval_only:
         out_dir = Path(args.out_dir or Path(args.ckpt).parent / "eval")
-        res = summarise(evaluate(model, val_set, len(names), device, **eval_options(args),
+        res = summarise(evaluate(model, val_set, len(names), device, **eval_options(args, device),
                                  overlay_dir=out_dir / "overlays",
                                  num_overlays=args.num_overlays), names, state["step"])
         if utils.is_main():
@@ -387,9 +433,35 @@ def main(argv: list[str] | None = None) -> None:
     utils.cleanup_distributed()
 
 
-def eval_options(args: argparse.Namespace) -> dict:
+def keep_subset(reader, args: argparse.Namespace, out_dir: Path) -> None:
+    """Label-efficient fine-tuning: keeps a subset of the reader's training images, drawn from
+    --subset-seed alone (so every pretraining row is fine-tuned on the same images) and listed in
+    OUT_DIR/train_subset.txt; a resumed run must find the same list there."""
+    n = len(reader.files)
+    k = args.train_images or max(1, round(args.train_fraction * n))
+    if k > n:
+        raise ValueError(f"--train-images {k}: {args.dataset} has only {n} training images")
+    index = train_subset(n, k, args.subset_seed)
+    reader.files = [reader.files[i] for i in index]
+    listing = "".join(f"{img.relative_to(reader.root)}\n" for img, _ in reader.files)
+    path = out_dir / "train_subset.txt"
+    if args.resume and path.is_file() and path.read_text() != listing:
+        raise ValueError(f"{path} lists other training images than --subset-seed "
+                         f"{args.subset_seed} gives now")
+    if utils.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(listing)
+
+
+def train_subset(n: int, k: int, seed: int) -> list[int]:
+    """k of the indices 0..n-1, sorted, drawn without replacement from `seed` alone."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:k].tolist())
+
+
+def eval_options(args: argparse.Namespace, device: torch.device) -> dict:
     slide = dict(window=args.window, stride=args.stride) if args.sliding_window else {}
-    return dict(amp=args.amp, workers=args.workers, **slide)
+    return dict(amp=utils.amp_dtype(args.amp, device), workers=args.workers, **slide)
 
 
 def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: list[str],
@@ -398,12 +470,20 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
     last.pth then, best.pth on a new best mIoU; `prev` is the checkpoint of --resume."""
     rank, world = utils.get_rank(), utils.get_world_size()
     out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else "runs/finetune"))
-    train_set = MultiDataset([build_reader(args.dataset, args.data_root, "train")],
-                             train_transform(tuple(args.base_size), tuple(args.crop_size)))
+    reader = build_reader(args.dataset, args.data_root, "train")
+    if args.train_fraction is not None or args.train_images is not None:
+        keep_subset(reader, args, out_dir)
+    train_set = MultiDataset([reader], train_transform(tuple(args.base_size),
+                                                       tuple(args.crop_size)))
     use_cuda = device.type == "cuda"
+    amp = utils.amp_dtype(args.amp, device)
+    args.amp_dtype = utils.amp_name(amp)  # what `auto` chose, recorded in config.json
     model.backbone.requires_grad_(not args.freeze_backbone)  # before DDP records its parameters
     model, ddp = utils.wrap_model(model, device,
                                   args.sync_bn if args.sync_bn is not None else use_cuda)
+    if args.compile:
+        ddp = torch.compile(ddp)  # `model` stays the plain module: checkpoints keep their keys
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = utils.build_scheduler(optimizer, "poly", args.iters, power=args.power,
@@ -414,15 +494,18 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
     if prev is not None:
         optimizer.load_state_dict(prev["optimizer"])
         scheduler.load_state_dict(prev["scheduler"])
+        scaler.load_state_dict(prev.get("scaler", {}))
         utils.set_rng_state(prev["rng"])
         step, best, best_step = prev["step"], prev["best_miou"], prev["best_step"]
     utils.save_config(args, out_dir)
     logger = utils.JsonlLogger(out_dir / "log.jsonl", append=prev is not None)
     stop = utils.StopFlag()
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # utils.note_non_finite
 
     def checkpoint(path: Path, miou: float | None) -> None:
         utils.save_checkpoint({
             "task": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "rng": utils.rng_state(),
             "args": vars(args), "class_names": names, "miou": miou, "best_miou": best,
             "best_step": best_step}, path)
@@ -431,7 +514,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
         nonlocal best, best_step
         broadcast_buffers(model)
         final = step == args.iters
-        metrics = evaluate(model, val_set, len(names), device, **eval_options(args),
+        metrics = evaluate(model, val_set, len(names), device, **eval_options(args, device),
                            overlay_dir=out_dir / "overlays" if final else None,
                            num_overlays=args.num_overlays)
         res = summarise(metrics, names, step)
@@ -450,7 +533,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
         print(f"{'resuming at step %d: ' % step if step else ''}{args.model}/{args.arch} on "
               f"{args.dataset}: {len(names)} classes, {len(train_set)} train / {len(val_set)} "
               f"val images, {world} x {args.batch_size} per step, {args.iters} steps, crop "
-              f"{args.crop_size}, on {device}")
+              f"{args.crop_size}, on {device}, {args.amp_dtype}")
     bar = tqdm(total=args.iters, initial=step, disable=not utils.is_main(), dynamic_ncols=True)
     ddp.train()
     while step < args.iters:
@@ -460,25 +543,31 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
             images, labels = images.to(device), labels.to(device)  # (B, 3, H, W), (B, H, W)
             if use_cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and use_cuda):
+            with utils.autocast(device, amp):
                 logits = ddp(images)["out"]  # (B, K, H, W) at the input size
             logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
                                    align_corners=False)
             # sum / count: an all-IGNORE batch gives 0, not the NaN of a mean over nothing
             valid = (labels != IGNORE).sum().clamp(min=1)
             loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / valid
-            utils.check_finite_loss(loss, step, out_dir / "last.pth")
+            first_bad = utils.note_non_finite(first_bad, loss, step)  # checked when logging/saving
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             bar.update(1)
-            if step % args.log_interval == 0 or step == args.iters:
+            log_now = step % args.log_interval == 0 or step == args.iters
+            eval_now = step % args.eval_interval == 0 or step == args.iters
+            if not (log_now or eval_now):
+                continue
+            utils.stop_if_non_finite(first_bad, out_dir / "last.pth")
+            if log_now:
                 lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 logger.log(step=step, epoch=epoch, loss=loss.item(), lr=lr)
-            if step % args.eval_interval == 0 or step == args.iters:
+            if eval_now:
                 validate()
             if utils.broadcast_flag(stop.requested, device):
                 checkpoint(out_dir / "last.pth", None)

@@ -77,7 +77,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-interval", type=int, default=20)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="CUDA only")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP on CUDA")
     p.add_argument("--show-batch", type=int, default=0, metavar="N",
                    help="write OUT_DIR/batch.png with N augmented, mixed images and exit")
@@ -119,15 +121,16 @@ def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) ->
 
 def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
                  w: torch.Tensor, bank: PrototypeBank | None, class_dataset: torch.Tensor,
-                 gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution."""
+                 gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution.
+    Returns the loss and its detached parts (device scalars: read them only when logging)."""
     size = out.shape[-2:]
     y_a, y_b = downsample_labels(y_a, size), downsample_labels(y_b, size)  # (B, h, w)
     w = downsample_labels(w, size)
     hard = hard_labels(y_a, y_b, w)  # (B, h, w): mixed pixels -> IGNORE
     if args.method == "pix2pix":
         loss = pix2pix_loss(out, hard, tau=args.tau, max_pixels=args.max_pixels, generator=gen)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
     if bank is not None:
         bank.update(out.detach(), hard)  # M3: before this step's loss
     B, K = out.shape[:2]
@@ -138,17 +141,17 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
     y_a, y_b, w, hard = (t.flatten()[keep] for t in (y_a, y_b, w, hard))  # (N,)
     if args.method == "ce":
         loss = ce_loss(feats, y_a, y_b, w)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
     if args.method == "multihead":
         loss = multihead_loss(feats, y_a, y_b, w, class_dataset)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
     protos, filled = bank.prototypes, bank.filled
     loss_con = prototype_contrast_loss(feats, protos, filled, y_a, y_b, w, tau=args.tau)
     if args.no_csc:
-        return loss_con, {"loss": loss_con.item(), "con": loss_con.item()}
+        return loss_con, {"loss": loss_con.detach(), "con": loss_con.detach()}
     loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=args.tau, topk=args.topk)
     loss = loss_con + args.csc_weight * loss_csc
-    return loss, {"loss": loss.item(), "con": loss_con.item(), "csc": loss_csc.item()}
+    return loss, {"loss": loss.detach(), "con": loss_con.detach(), "csc": loss_csc.detach()}
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> MDPNet:
@@ -238,9 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     total = args.iters or args.epochs * iters_per_epoch
     scheduler = utils.build_scheduler(optimizer, args.schedule, total, args.warmup_iters,
                                       min_lr=args.min_lr)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    use_amp = use_cuda and amp_dtype is not None
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    amp = utils.amp_dtype(args.amp, device)
+    args.amp_dtype = utils.amp_name(amp)  # what `auto` chose, recorded in config.json
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if args.compile:
+        ddp = torch.compile(ddp)  # `model` stays the plain module: checkpoints keep their keys
 
     step = 0
     resume = args.resume
@@ -279,7 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     if utils.is_main():
         print(f"{args.method} on {label_space.names}: C={label_space.num_classes} classes, "
               f"{sum(dataset.sizes)} images, {world} process(es) x {args.batch_size}, "
-              f"{total} steps ({iters_per_epoch}/epoch) on {device}")
+              f"{total} steps ({iters_per_epoch}/epoch) on {device}, {args.amp_dtype}")
+    # No host sync in a step: loss parts stay on the device, and the finite-loss check and the
+    # SIGTERM broadcast run only where the loop logs or saves anyway.
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # utils.note_non_finite
     with tqdm(total=total, initial=step, disable=not utils.is_main(), dynamic_ncols=True) as bar:
         ddp.train()
         t0, seen = time.time(), 0
@@ -289,13 +297,14 @@ def main(argv: list[str] | None = None) -> None:
             for images, labels, didx in loader:
                 gen = step_generator(args.seed, rank, step)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                images, y_a, y_b, w = mix_batch(images, labels, didx.to(device), args.mix, gen)
+                images, y_a, y_b, w = mix_batch(images, labels, didx, args.mix, gen,
+                                                num_classes=label_space.num_classes)
                 if use_cuda:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+                with utils.autocast(device, amp):
                     out = ddp(images)
                 loss, parts = compute_loss(args, out.float(), y_a, y_b, w, bank, class_dataset, gen)
-                utils.check_finite_loss(loss, step, out_dir / "last.pth")
+                first_bad = utils.note_non_finite(first_bad, loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -304,13 +313,19 @@ def main(argv: list[str] | None = None) -> None:
                 step += 1
                 seen += images.shape[0] * world
                 bar.update(1)
-                if step % args.log_interval == 0 or step == total:
+                log_now = step % args.log_interval == 0 or step == total
+                save_now = step % args.save_interval == 0 or step == total
+                if not (log_now or save_now):
+                    continue
+                utils.stop_if_non_finite(first_bad, out_dir / "last.pth")
+                if log_now:
                     ips = seen / (time.time() - t0)
                     lr = optimizer.param_groups[0]["lr"]
+                    parts = {k: v.item() for k, v in parts.items()}
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
                     logger.log(step=step, epoch=epoch, lr=lr, img_per_s=ips, **parts)
                 preempted = utils.broadcast_flag(stop.requested, device)
-                if step % args.save_interval == 0 or step == total or preempted:
+                if save_now or preempted:
                     checkpoint()
                 if preempted:
                     if utils.is_main():

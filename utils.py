@@ -90,9 +90,47 @@ def wrap_model(model: torch.nn.Module, device: torch.device,
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank says True (e.g. SIGTERM reached one of them)."""
+    """True on every rank when any rank says True (e.g. SIGTERM reached one of them). A host sync
+    under DDP: the training loops call it only at log intervals."""
+    if not dist_on():
+        return flag
     t = torch.tensor([float(flag)], device=device)
     return bool(all_reduce_sum(t).item() > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: oneDNN then runs bf16 convolutions natively. Elsewhere (AVX2 only) CPU
+    bf16 is emulated and an order of magnitude slower than fp32 (results/bench.md)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """--amp auto|bf16|fp16|none -> the autocast dtype, None for fp32. `auto`: bf16 on CUDA (if the
+    card has it) and on a CPU with native bf16, fp32 elsewhere."""
+    if choice == "auto":
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                  else cpu_has_native_bf16())
+        return torch.bfloat16 if native else None
+    if choice == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA (use bf16 or none on a CPU)")
+    if choice not in ("bf16", "fp16", "none"):
+        raise ValueError(f"--amp {choice!r}: expected auto, bf16, fp16 or none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` on `device`; fp32 (disabled) when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +163,20 @@ def run_cli(main: Callable[[], Any]) -> None:
 # checkpoints
 
 
-def check_finite_loss(loss: torch.Tensor, step: int, last_ckpt: str | Path) -> None:
-    """Stops every rank together when any rank's loss is NaN / inf (before the update)."""
-    finite = torch.isfinite(loss.detach()).float()
-    if all_reduce_sum(finite).item() < get_world_size():
-        raise ValueError(f"loss became non-finite at step {step + 1}; the last good checkpoint "
+def note_non_finite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """first_bad: a device scalar, 0 while every loss was finite, else the first bad step (1-based).
+    No host sync: `stop_if_non_finite` reads it at log / checkpoint time."""
+    return torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
+
+
+def stop_if_non_finite(first_bad: torch.Tensor, last_ckpt: str | Path) -> None:
+    """Stops every rank together when any rank saw a NaN / inf loss since the start. Called before
+    every checkpoint, so non-finite weights never replace the last good one."""
+    bad = first_bad.detach().clone()
+    if dist_on():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        raise ValueError(f"loss became non-finite at step {bad.item()}; the last good checkpoint "
                          f"{last_ckpt} is left as it was")
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
 import train_pretrain  # noqa: E402
-from datasets import make_toy  # noqa: E402
+from toy import make_toy  # noqa: E402
 
 VOC_ADE = ["voc", "ade20k"]
 # row -> pretraining stages (datasets, extra flags); a later stage starts from the previous one
@@ -109,13 +109,14 @@ def run_once(done: Path, fn, argv: list[str]) -> None:
     done.touch()
 
 
-def pretrain(row: str, seed: int, out: Path, data_root: Path, iters: int) -> str | None:
-    """Runs the row's pretraining stages; returns the checkpoint to fine-tune from (None: scratch)."""
-    stages = ROWS[row]
+def pretrain(stages: list[tuple[list[str], list[str]]], seed: int, out: Path, data_root: Path,
+             iters: int, flags: list[str] = PRETRAIN) -> str | None:
+    """Runs a row's pretraining stages (datasets, extra flags) with the shared `flags`; returns the
+    checkpoint to fine-tune from (None: no pretraining)."""
     ckpt = None
     for k, (datasets, extra) in enumerate(stages):
         stage_dir = out / f"pretrain{k}"
-        argv = PRETRAIN + ["--datasets", *datasets, "--data-root", str(data_root),
+        argv = flags + ["--datasets", *datasets, "--data-root", str(data_root),
                            "--iters", str(max(iters // len(stages), 1)), "--seed", str(seed),
                            "--out-dir", str(stage_dir), *extra]
         if ckpt:
@@ -149,23 +150,25 @@ def summarise(runs: dict[str, dict[int, dict[str, dict]]], targets: list[str]) -
     return table
 
 
-def write_markdown(table: dict, targets: list[str], path: Path, header: str) -> str:
-    lines = [header, "", "| pretraining | " + " | ".join(f"toy {t} mIoU" for t in targets) + " |",
+def write_markdown(table: dict, targets: list[str], path: Path, header: str,
+                   labels: dict[str, str] = LABELS, column: str = "toy {} mIoU") -> str:
+    """The table as markdown: one line per row, mean ± std over seeds per target."""
+    lines = [header, "", "| pretraining | " + " | ".join(column.format(t) for t in targets) + " |",
              "|---|" + "---|" * len(targets)]
     for row, cells in table.items():
         vals = [f"{c['mean']:.2f} ± {c['std']:.2f}" if c["n"] > 1 else f"{c['mean']:.2f}"
                 for c in (cells[t] for t in targets)]
-        lines.append(f"| {LABELS[row]} | " + " | ".join(vals) + " |")
+        lines.append(f"| {labels[row]} | " + " | ".join(vals) + " |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
 
 
-def check_claims(table: dict, targets: list[str]) -> list[dict]:
+def check_claims(table: dict, targets: list[str], claims: list = CLAIMS) -> list[dict]:
     """Each claimed ordering per target: the difference of the means and a verdict against the
     seed spread (`noise` = std of the better row + std of the worse row)."""
     checks = []
-    for claim, better, worse, claim_targets, source in CLAIMS:
+    for claim, better, worse, claim_targets, source in claims:
         for t in claim_targets:
             if better not in table or worse not in table or t not in targets:
                 continue
@@ -180,16 +183,18 @@ def check_claims(table: dict, targets: list[str]) -> list[dict]:
     return checks
 
 
-def claims_markdown(checks: list[dict]) -> str:
-    lines = ["| source's claim | toy target | toy mIoU difference | ± (sum of stds) | at toy scale "
-             "| source's numbers |", "|---|---|---:|---:|---|---|"]
+def claims_markdown(checks: list[dict], scale: str = "toy") -> str:
+    lines = [f"| source's claim | {scale} target | {scale} mIoU difference | ± (sum of stds) | at "
+             f"{scale} scale | source's numbers |", "|---|---|---:|---:|---|---|"]
     lines += [f"| {c['claim']} | {c['target']} | {c['diff']:+.2f} | {c['noise']:.2f} | "
               f"{c['verdict']} | {c['source']} |" for c in checks]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(table: dict, targets: list[str], path: Path) -> None:
-    """Grouped bars (one group per row, one bar per target) with ±std whiskers, drawn with PIL."""
+def bar_chart(table: dict, targets: list[str], path: Path | None, labels: dict[str, str] = LABELS,
+              column: str = "toy {} mIoU") -> Image.Image:
+    """Grouped bars (one group per row, one bar per target) with ±std whiskers, drawn with PIL;
+    saved to `path` when given, and returned."""
     colours = [(66, 133, 244), (219, 68, 55), (15, 157, 88)]
     rows = list(table)
     bar, gap, left, top, height = 14, 18, 60, 30, 300
@@ -210,12 +215,14 @@ def bar_chart(table: dict, targets: list[str], path: Path) -> None:
             draw.line([(x + bar // 2 - 1, y(c["mean"] - c["std"])),
                        (x + bar // 2 - 1, y(c["mean"] + c["std"]))], fill="black")
         label = Image.new("RGB", (140, 14), "white")
-        ImageDraw.Draw(label).text((0, 0), LABELS[row][:24], fill="black")
+        ImageDraw.Draw(label).text((0, 0), labels[row][:24], fill="black")
         img.paste(label.rotate(60, expand=True, fillcolor="white"), (x0 - 10, top + height + 4))
     for j, t in enumerate(targets):
         draw.rectangle([left + j * 110, 5, left + j * 110 + 10, 15], fill=colours[j % 3])
-        draw.text((left + j * 110 + 14, 4), f"toy {t} mIoU", fill="black")
-    img.save(path)
+        draw.text((left + j * 110 + 14, 4), column.format(t), fill="black")
+    if path is not None:
+        img.save(path)
+    return img
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(seeds):
         for row in args.rows:
             out = work / row / f"seed{seed}"
-            ckpt = pretrain(row, seed, out, data_root, p_iters)
+            ckpt = pretrain(ROWS[row], seed, out, data_root, p_iters)
             runs.setdefault(row, {})[seed] = finetune_all(ckpt, seed, out, data_root, f_iters,
                                                           args.targets)
     table = summarise(runs, args.targets)
