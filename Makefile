@@ -34,14 +34,25 @@ demo: $(TOY)/.written
 		--out-dir $(RUN)/ft_mdp
 	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt none --arch resnet14 $(FINETUNE_FLAGS) \
 		--out-dir $(RUN)/ft_scratch
-	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp --pretrain-log $(RUN)/pretrain/log.jsonl
+	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt $(RUN)/pretrain/last.pth --model linear \
+		$(FINETUNE_FLAGS) --out-dir $(RUN)/probe_mdp
+	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt none --arch resnet14 --model linear \
+		$(FINETUNE_FLAGS) --out-dir $(RUN)/probe_random
+	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp $(RUN)/probe_random $(RUN)/probe_mdp \
+		--pretrain-log $(RUN)/pretrain/log.jsonl
+	$(PY) scripts/plot_log.py $(RUN)/pretrain/log.jsonl --out $(RUN)/pretrain_curves.png
 
 # after make demo: fine-tuned vs frozen backbone, MDP vs random init, 3 seeds (results/backbone_probe.md)
 probe: $(TOY)/.written
 	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/backbone_probe.py --ckpt $(RUN)/pretrain/last.pth \
 		-- $(FINETUNE_FLAGS)
 
-test: .venv/.installed
+# test-only packages (timm, segmentation_models_pytorch: tests/test_export.py); make demo skips them
+.venv/.installed-test: .venv/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: .venv/.installed-test
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q tests
 
 clean:

@@ -4,7 +4,6 @@ ends with one clear line; backbone loading from a pretraining checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
-from finetune import build_model, load_init  # noqa: E402
+from datasets import build_reader  # noqa: E402
+from finetune import build_model, load_init, train_subset  # noqa: E402
 from mdp import MDPNet  # noqa: E402
 
 # tiny budget (toy VOC images are 128x96; eval resizes them to 64x48, labels stay 128x96)
@@ -199,3 +199,85 @@ def test_bad_input_one_line(case: str, scratch_run: Path, toy_root: Path, tmp_pa
     p = run("--ckpt", str(ckpt), *TINY, *extra, "--out-dir", str(tmp_path / "o"), root=root)
     one_line_error(p, *words)
     assert not (tmp_path / "o" / "last.pth").exists()
+
+
+def test_linear_probe_changes_nothing_but_its_classifier(toy_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    pre = tmp_path / "pretrain.pth"
+    utils.save_checkpoint({"task": "pretrain", "step": 0, "args": {"arch": "resnet14"},
+                           "model": MDPNet("resnet14", output_stride=8, embed_dim=16).state_dict()},
+                          pre)
+    p = run("--ckpt", str(pre), *TINY, "--model", "linear", "--num-overlays", "0",
+            "--out-dir", str(tmp_path / "probe"), root=toy_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = torch.load(tmp_path / "probe" / "last.pth", weights_only=False)
+    assert state["args"]["freeze_backbone"] and state["args"]["lr"] == 0.1  # the probe's defaults
+    want = torch.load(pre, weights_only=False)["model"]
+    backbone = {k: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    assert len(backbone) == len([k for k in want if k.startswith("backbone.")
+                                 and not k.startswith("backbone.fc")])
+    for k, v in backbone.items():  # weights AND BN running statistics: the backbone stays in eval
+        assert torch.equal(v, want[k]), k
+    # the classifier did train: its BN followed the features, its 1x1 conv moved from its init
+    torch.manual_seed(0)
+    init = build_model("linear", "resnet14", 21).state_dict()
+    assert not torch.equal(state["model"]["classifier.0.running_mean"],
+                           init["classifier.0.running_mean"])
+    assert not torch.equal(state["model"]["classifier.1.weight"], init["classifier.1.weight"])
+    # the optimizer holds exactly the classifier's weight and bias (the BN has no affine part)
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == 2
+    assert list(state["optimizer"]["state"]) == [0, 1]
+
+
+def test_linear_probe_refuses_an_unfrozen_backbone(toy_root: Path, tmp_path: Path) -> None:
+    p = run("--ckpt", "none", *TINY, "--model", "linear", "--no-freeze-backbone",
+            "--out-dir", str(tmp_path / "o"), root=toy_root)
+    one_line_error(p, "--model linear", "frozen")
+
+
+def test_train_subset_is_a_function_of_its_seed() -> None:
+    a, b, c = train_subset(50, 7, seed=0), train_subset(50, 7, seed=0), train_subset(50, 7, seed=1)
+    assert a == b != c
+    for s in (a, c):  # 7 distinct sorted indices in range
+        assert len(set(s)) == 7 and s == sorted(s) and 0 <= s[0] and s[-1] < 50
+    # drawn without replacement from a seeded permutation: the whole set when k == n
+    assert train_subset(9, 9, seed=3) == list(range(9))
+
+
+def test_train_fraction_keeps_the_same_images_for_one_seed(toy_root: Path,
+                                                          tmp_path: Path) -> None:
+    flags = [*TINY, "--iters", "1", "--eval-interval", "1", "--num-overlays", "0"]
+    lists = {}
+    for name, extra in (("a", ["--train-fraction", "0.25"]), ("b", ["--train-images", "6"]),
+                        ("c", ["--train-fraction", "0.25", "--subset-seed", "1"])):
+        p = run("--ckpt", "none", *flags, *extra, "--out-dir", str(tmp_path / name),
+                root=toy_root)
+        assert p.returncode == 0, p.stderr[-3000:]
+        lists[name] = (tmp_path / name / "train_subset.txt").read_text().splitlines()
+    # toy VOC has 24 training images here: 0.25 of them = 6 images = --train-images 6
+    assert len(lists["a"]) == 6 and lists["a"] == lists["b"]
+    assert lists["a"] != lists["c"] and len(lists["c"]) == 6
+    reader = build_reader("voc", toy_root, "train")
+    names = [str(img.relative_to(reader.root)) for img, _ in reader.files]
+    assert set(lists["a"]) < set(names)
+    assert lists["a"] == [names[i] for i in train_subset(24, 6, 0)]
+    for extra, words in ((["--train-fraction", "1.5"], ["--train-fraction"]),
+                         (["--train-images", "99"], ["--train-images 99", "24"]),
+                         (["--train-fraction", "0.5", "--train-images", "3"], ["not both"])):
+        one_line_error(run("--ckpt", "none", *flags, *extra, "--out-dir", str(tmp_path / "x"),
+                           root=toy_root), *words)
+
+
+def test_amp_auto_uses_bf16_only_where_it_is_native(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert utils.amp_dtype("auto", cpu) is None  # emulated bf16 is far slower than fp32
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert utils.amp_dtype("auto", cpu) is torch.bfloat16
+    assert utils.amp_dtype("bf16", cpu) is torch.bfloat16
+    assert utils.amp_dtype("none", cpu) is None
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        utils.amp_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="expected auto"):
+        utils.amp_dtype("fp64", cpu)
+    assert utils.amp_name(None) == "fp32" and utils.amp_name(torch.bfloat16) == "bf16"

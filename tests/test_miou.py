@@ -13,7 +13,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from finetune import confusion_matrix, evaluate, iou_from_confusion, slide_inference  # noqa: E402
+from evaluation import confusion_matrix, evaluate, iou_from_confusion, slide_inference  # noqa: E402
 from gloo import free_port, gloo_group  # noqa: E402
 
 IGN = -1

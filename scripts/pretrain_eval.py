@@ -1,0 +1,95 @@
+"""How well does a pretraining checkpoint solve its own task on held-out images? Its pixels on a
+dataset's val split, classified by the checkpoint itself: nearest prototype for MDP (the argmax of
+the M4 softmax over that dataset's filled prototypes), the 1x1 classifier for ce / multihead.
+
+    python scripts/pretrain_eval.py runs/pretrain/last.pth --dataset voc --data-root data
+
+A pretraining that scores well here but gives features no better than random ones downstream has
+learned its task without learning transferable features; one that scores badly here has not
+learned its task. pix2pix checkpoints have neither prototypes nor classifier: not applicable.
+Prints the mIoU and writes it to --out (JSON) when given; whole-image inference at --base-size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402
+from datasets import LabelSpace, MultiDataset, build_reader, eval_transform  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+from mdp import MDPNet  # noqa: E402
+
+
+class OwnTaskClassifier(nn.Module):
+    """A pretraining network as a classifier over dataset d's classes of its label space.
+    forward: (B, 3, H, W) -> {"out": scores (B, K_d, H, W)}, unfilled prototypes never chosen."""
+
+    def __init__(self, model: MDPNet, classes: slice, prototypes: torch.Tensor | None = None,
+                 filled: torch.Tensor | None = None):
+        super().__init__()
+        self.model, self.classes = model, classes
+        self.prototypes, self.filled = prototypes, filled  # (C, D), (C,) or None (classifier)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(x).float()  # (B, D, h, w) unit embeddings, or (B, C, h, w) logits
+        if self.prototypes is not None:
+            out = torch.einsum("bdhw,cd->bchw", out, self.prototypes)  # cosine to each prototype
+            # below any cosine, and finite: bilinear upsampling turns -inf * 0 into NaN
+            out = out.masked_fill(~self.filled[None, :, None, None], -2.0)
+        out = out[:, self.classes]  # (B, K_d, h, w): the dataset's own slice of the label space
+        return {"out": F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+def own_task_classifier(state: dict, dataset: str) -> tuple[OwnTaskClassifier, str]:
+    """(classifier, method) from a train_pretrain.py checkpoint, for one of its datasets."""
+    args, space = state["args"], LabelSpace.from_state_dict(state["label_space"])
+    if dataset not in args["datasets"]:
+        raise ValueError(f"{dataset} is not one of the checkpoint's datasets {args['datasets']}")
+    d = args["datasets"].index(dataset)
+    classes = slice(space.offsets[d], space.offsets[d] + space.num_classes_per_dataset[d])
+    method = args["method"]
+    if method == "pix2pix":
+        raise ValueError("a pix2pix checkpoint has neither prototypes nor a classifier")
+    model = MDPNet(args["arch"], args["output_stride"], args["embed_dim"],
+                   num_classes=space.num_classes if method in ("ce", "multihead") else 0)
+    model.load_state_dict(state["model"])
+    if method != "mdp":
+        return OwnTaskClassifier(model, classes), method
+    bank = state["bank"]
+    return OwnTaskClassifier(model, classes, bank["prototypes"], bank["count"] > 0), method
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = utils.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", help="a train_pretrain.py checkpoint")
+    p.add_argument("--dataset", required=True, help="one of the checkpoint's --datasets")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--base-size", nargs=2, type=int, default=[2048, 512], metavar=("W", "H"))
+    p.add_argument("--out", type=Path, help="write {'mIoU': ..., 'IoU': {...}} here")
+    args = p.parse_args(argv)
+    state = utils.load_checkpoint(args.ckpt, required=("model", "args", "label_space"))
+    if state.get("task") != "pretrain":
+        raise utils.CheckpointError(f"{args.ckpt} is not a pretraining checkpoint")
+    classifier, method = own_task_classifier(state, args.dataset)
+    reader = build_reader(args.dataset, args.data_root, "val")
+    val = MultiDataset([reader], eval_transform(tuple(args.base_size)))
+    with torch.no_grad():
+        m = evaluate(classifier, val, len(reader.classes), torch.device("cpu"))
+    iou = {n: None if v != v else 100 * v for n, v in zip(reader.classes, m["iou"].tolist())}
+    res = {"ckpt": str(args.ckpt), "method": method, "mIoU": 100 * m["miou"], "IoU": iou}
+    print(f"{method} checkpoint on its own task, {args.dataset} val: mIoU {res['mIoU']:.2f}")
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
