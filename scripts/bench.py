@@ -6,6 +6,10 @@
   overhead  mixing (M6) + bank update (M3) + MDP loss (M4 + CSC M5) as a fraction of the network's
             forward + backward + SGD step, for C = 21, 171, 1000 (target < 3% at C = 171 on GPU).
   loader    augmented training samples/s per DataLoader worker (toy sets, full-size 500x375 JPEGs).
+  precision the project's own MDP step (batch x crop of --batch/--crop) under fp32, fp32 +
+            channels_last, bf16 autocast, bf16 + channels_last and torch.compile, per arch and
+            output stride, with the MDP/CE ratio under the precision --amp auto picks; on CUDA also
+            the host syncs per step (torch.cuda.set_sync_debug_mode warnings counted).
 
 Each table keeps the rows of the other device from the previous file, so a GPU run adds its rows
 beside the CPU ones; a device never run shows 'not measured'.
@@ -25,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import datasets as D  # noqa: E402
 import train_pretrain as T  # noqa: E402
+import utils  # noqa: E402
 from losses import csc_loss, downsample_labels, prototype_contrast_loss  # noqa: E402
 from mdp import MDPNet  # noqa: E402
 from mixing import hard_labels, mix_batch  # noqa: E402
@@ -87,33 +93,84 @@ def full_bank(C: int, dim: int, device: torch.device, bank_size: int = 1024) -> 
     return bank
 
 
-def make_step(method: str, device: torch.device, B: int, S: int) -> Callable[[], None]:
+def make_step(method: str, device: torch.device, B: int, S: int, arch: str = "resnet50",
+              output_stride: int = 8, amp: torch.dtype | None | str = "default",
+              channels_last: bool | None = None, compile: bool = False) -> Callable[[], None]:
     """One training step exactly as train_pretrain.main runs it: mix -> forward -> compute_loss
-    (bank update + loss) -> backward -> SGD step; bf16 autocast + channels_last on CUDA."""
-    args = T.get_args(["--method", method, "--batch-size", str(B), "--crop-size", str(S), str(S)])
+    (bank update + loss) -> backward -> SGD step. Defaults: bf16 autocast + channels_last on CUDA,
+    fp32 on CPU (the step and overhead sections); the precision section sets each explicitly."""
+    args = T.get_args(["--method", method, "--batch-size", str(B), "--crop-size", str(S), str(S),
+                       "--arch", arch, "--output-stride", str(output_stride)])
     C, cuda = sum(VOC_ADE), device.type == "cuda"
+    amp = (torch.bfloat16 if cuda else None) if amp == "default" else amp
+    channels_last = cuda if channels_last is None else channels_last
     torch.manual_seed(0)  # the same backbone weights for both methods
     model = T.build_model(args, C, device).train()
-    if cuda:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile else model
     bank = full_bank(C, args.embed_dim, device, args.bank_size) if method == "mdp" else None
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, foreach=True)
-    images, labels, didx, class_dataset = (t.to(device) for t in
-                                           fake_batch(B, S, VOC_ADE, torch.Generator().manual_seed(0)))
+    images, labels, didx, class_dataset = fake_batch(B, S, VOC_ADE, torch.Generator().manual_seed(0))
+    images, labels, class_dataset = (t.to(device) for t in (images, labels, class_dataset))
 
     def step() -> None:
         gen = T.step_generator(0, 0, 0)
-        x, y_a, y_b, w = mix_batch(images, labels, didx, args.mix, gen)  # mdp: both, ce: none
-        if cuda:
+        # didx stays on the CPU, as the loader gives it: mixing then reads nothing from the device
+        x, y_a, y_b, w = mix_batch(images, labels, didx, args.mix, gen, num_classes=C)
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model(x)  # (B, D, h, w) embeddings or (B, C, h, w) logits
+        with utils.autocast(device, amp):
+            out = net(x)  # (B, D, h, w) embeddings or (B, C, h, w) logits
         loss, _ = T.compute_loss(args, out.float(), y_a, y_b, w, bank, class_dataset, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
+
+
+def count_syncs(step: Callable[[], None]) -> int:
+    """Host synchronisations in one CUDA step: torch warns once per sync in debug mode 'warn'."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.current_stream().synchronize()  # a stream sync is not a caught op
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def bench_precision(a: argparse.Namespace, device: torch.device) -> Rows:
+    """ms per MDP step for each precision setting, per arch and output stride; then MDP vs CE
+    under the precision --amp auto picks on this device."""
+    settings = {"fp32": (None, False, False), "fp32 + channels_last": (None, True, False),
+                "bf16": (torch.bfloat16, False, False),
+                "bf16 + channels_last": (torch.bfloat16, True, False),
+                "compile (--amp auto)": ("auto", False, True)}
+    auto = utils.amp_dtype("auto", device)
+    rows = []
+    for arch in a.precision_archs:
+        for os_ in (8, 16):
+            steps = {k: make_step("mdp", device, a.batch, a.crop, arch, os_,
+                                  auto if amp == "auto" else amp, cl, comp)
+                     for k, (amp, cl, comp) in settings.items()}
+            for fn in steps.values():  # compile and first-call costs stay out of the timing
+                fn()
+            ms = median_ms(steps, device, a.reps, warmup=1)
+            rows += [[arch, str(os_), k, f"{ms[k]:.1f}", f"{1e3 * a.batch / ms[k]:.2f}",
+                      f"{ms['fp32'] / ms[k]:.2f}x"] for k in steps]
+    for arch in a.precision_archs:
+        steps = {m: make_step(m, device, a.batch, a.crop, arch, 8, auto) for m in ("ce", "mdp")}
+        ms = median_ms(steps, device, a.reps, warmup=1)
+        syncs = {m: count_syncs(fn) for m, fn in steps.items()} if device.type == "cuda" else {}
+        for m in steps:
+            rows.append([arch, "8", f"{m}, --amp auto = {utils.amp_name(auto)}", f"{ms[m]:.1f}",
+                         f"{1e3 * a.batch / ms[m]:.2f}", f"MDP/CE {ms['mdp'] / ms['ce']:.3f}"
+                         if m == "mdp" else "", str(syncs.get(m, "n/a (CPU)"))])
+    return [r + [""] * (7 - len(r)) for r in rows]
 
 
 def max_rss_kib() -> int:
@@ -259,6 +316,13 @@ SECTIONS = {  # name: (function, title and notes, column headers after "run")
                  "(ResNet-50 MDPNet OS8 forward + backward + SGD) at the same batch.",
                  ["batch x crop", "C", "net step ms", "mixing ms", "bank update ms",
                   "loss fwd+bwd ms", "overhead ms", "overhead / step"]),
+    "precision": (bench_precision, "Precision, memory layout and compile, per arch and output stride"
+                  "\n\nThe MDP step of the step section (VOC + ADE20K, C = 171, bank full) at "
+                  "--batch x --crop; speed-up against fp32 of the same arch and stride. CPU bf16 "
+                  "is fast only with native support (avx512_bf16 / AMX); --amp auto uses it only "
+                  "there. Last rows: MDP vs CE under --amp auto, and host syncs per step on CUDA.",
+                  ["arch", "output stride", "setting", "ms / step", "images / s", "vs fp32",
+                   "host syncs / step"]),
     "loader": (bench_loader, "Loader throughput per DataLoader worker\n\n"
                "One process on one thread, on the CPU of the run's machine. read = reader alone "
                "(decode + label checks); augmented = read + M9 train pipeline + M1 global mapping.",
@@ -309,6 +373,8 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=None, help="square crop (default: 512 CUDA, 128 CPU)")
     p.add_argument("--classes", type=int, nargs="+", default=[21, 171, 1000], help="overhead section")
     p.add_argument("--loader-samples", type=int, default=150)
+    p.add_argument("--precision-archs", nargs="+", default=["resnet14", "resnet50"],
+                   help="precision section: archs to time (each at output stride 8 and 16)")
     p.add_argument("--out", default=str(ROOT / "results" / "bench.md"))
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
