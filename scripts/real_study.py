@@ -2,8 +2,9 @@
 photographs? Pretraining rows on one real labelled set, each evaluated by a linear probe and by
 fine-tuning with 1/8 and all of the training images, over seeds, on that set's val split.
 
-    python scripts/real_study.py                      # CamVid from ../shared/data, 3 seeds
-    python scripts/real_study.py --seeds 1 --quick    # a tenth of the budget (smoke test)
+    python scripts/real_study.py --data-root DATA                # DATA/camvid: CamVid, 3 seeds
+    python scripts/real_study.py --data-root DATA --quick --seeds 1   # a tenth of the budget
+    python scripts/real_study.py --data-root DATA --table-only   # the table from finished jobs
 
 Every job is train_pretrain.py or finetune.py called in-process (scripts/reproduce.py's runner), so
 finished jobs are skipped and an interrupted study just continues; run outputs live in --work-dir
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import finetune  # noqa: E402
-from reproduce import (bar_chart, check_claims, claims_markdown, git_commit, pretrain,  # noqa: E402
-                       run_once, summarise, write_markdown)
+from reproduce import (bar_chart, check_claims, claims_markdown, git_commit,  # noqa: E402
+                       job_commits, pretrain, run_once, summarise, write_markdown)
 
 # The protocol, fixed before any result was seen; every row gets exactly the same budget and
 # nothing is tuned per row. Half resolution (CamVid 480x360 -> 240x180 base scale, random rescale
@@ -137,7 +139,7 @@ def efficiency_plot(table: dict, width: int) -> Image.Image:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="folder:camvid", help="a reader name or folder:PATH")
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-root", default="data", help="the folder that holds --dataset")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--quick", action="store_true", help="a tenth of the budget (smoke test)")
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     scale = 10 if args.quick else 1
     data_root, work = Path(args.data_root), Path(args.work_dir)
-    if not (data_root / args.dataset.removeprefix("folder:")).exists() and \
-            args.dataset.startswith("folder:"):
+    if (not args.table_only and args.dataset.startswith("folder:")
+            and not (data_root / args.dataset.removeprefix("folder:")).exists()):
         raise SystemExit(f"error: {data_root / args.dataset[7:]} not found (--data-root, --dataset)")
 
     runs: dict[str, dict[int, dict]] = {}
@@ -182,8 +184,10 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path) 
     table = summarise(runs, evals)
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
     marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
-    command = "python scripts/real_study.py" + (" --quick" if args.quick else "")
-    header = (f"Real-image study: `{command}` at commit {git_commit()}; {args.dataset} train "
+    argv = [a for a in sys.argv[1:] if a != "--table-only"]  # the command that ran the jobs
+    command = shlex.join(["python", "scripts/real_study.py", *argv])
+    header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
+              f"{job_commits(work)}; {args.dataset} train "
               f"(pretraining and fine-tuning) and val (mIoU, %), seeds {seeds} (mean ± std over "
               f"seeds; each seed = its own pretraining, fine-tuning and 1/8 subset, the same for "
               f"every row). Protocol: {ARCH} at output stride {OUTPUT_STRIDE}, crops 96×128 of "

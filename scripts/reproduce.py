@@ -43,13 +43,14 @@ ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
     "mdp_no_csc": [(VOC_ADE, ["--no-csc"])],
     "mdp_no_mix": [(VOC_ADE, ["--mix", "none"])],
     "mdp_tau0.3": [(VOC_ADE, ["--tau", "0.3"])],
+    "mdp_label_map": [(VOC_ADE, ["--label-map", str(ROOT / "scripts" / "toy_label_map.txt")])],
 }
 LABELS = {
     "scratch": "scratch (no pretraining)", "ce": "CE, VOC+ADE", "multihead": "multi-head, VOC+ADE",
     "pix2pix": "pixel-to-pixel, VOC+ADE", "sequential": "sequential COCO→ADE→VOC",
     "mdp_voc": "MDP, VOC", "mdp_voc_ade": "MDP, VOC+ADE", "mdp_voc_ade_coco": "MDP, VOC+ADE+COCO",
     "mdp_no_csc": "MDP w/o CSC, VOC+ADE", "mdp_no_mix": "MDP w/o mixing, VOC+ADE",
-    "mdp_tau0.3": "MDP τ=0.3, VOC+ADE",
+    "mdp_tau0.3": "MDP τ=0.3, VOC+ADE", "mdp_label_map": "MDP + label map, VOC+ADE",
 }
 TARGETS = ["voc", "ade20k", "cityscapes"]
 # The orderings the source claims (METHOD.md M8 and "The source's numbers") and its own numbers:
@@ -73,7 +74,7 @@ CLAIMS = [
     ("MDP beats no pretraining", "mdp_voc_ade", "scratch", TARGETS, "(not reported)"),
 ]
 
-# One toy budget for every row (nothing tuned per row), sized so that 11 rows x 3 seeds x (1
+# One toy budget for every row (nothing tuned per row), sized so that 12 rows x 3 seeds x (1
 # pretraining + 3 fine-tunings) take about an hour on 2 CPU cores. Pretraining steps are split
 # evenly over the stages of the sequential row, so every row sees the same number of images.
 # Toy images are ~128 px, so the base scales below keep them at native size (scale 1.0).
@@ -101,12 +102,22 @@ def git_commit() -> str:
 
 
 def run_once(done: Path, fn, argv: list[str]) -> None:
-    """Runs fn(argv) unless `done` exists; writes `done` afterwards (resumable study)."""
+    """Runs fn(argv) unless `done` exists; writes `done` afterwards, holding the commit the job ran
+    at (resumable study)."""
     if done.exists():
         return
     print(f"\n$ {fn.__module__}.py {' '.join(argv)}", flush=True)
     fn(argv)
-    done.touch()
+    done.write_text(git_commit() + "\n")
+
+
+def job_commits(work: Path) -> str:
+    """The commits a study's finished jobs ran at, e.g. '0ad04c8 (52 jobs)'."""
+    seen: dict[str, int] = {}
+    for f in work.rglob("done"):
+        key = f.read_text().strip() or "not recorded"
+        seen[key] = seen.get(key, 0) + 1
+    return ", ".join(f"{c} ({n} jobs)" for c, n in sorted(seen.items()))
 
 
 def pretrain(stages: list[tuple[list[str], list[str]]], seed: int, out: Path, data_root: Path,

@@ -1,0 +1,58 @@
+"""scripts/real_study.py --table-only: the table, claims and plots from finished jobs, checked
+against numbers computed by hand here (no training: the jobs' results are written by the test)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import real_study  # noqa: E402
+
+
+def fake_job(work: Path, row: str, seed: int, name: str, miou: float) -> None:
+    d = real_study.eval_dir(work / row / f"seed{seed}", name)
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"mIoU": miou, "IoU": {"a": miou}}))
+    (d / "done").write_text("abc1234\n")
+
+
+def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    miou = {("mdp", 0): (40.0, 30.0, 50.0), ("mdp", 1): (44.0, 34.0, 52.0),
+            ("ce", 0): (38.0, 31.0, 49.0), ("ce", 1): (36.0, 29.0, 47.0),
+            ("random", 0): (20.0, 10.0, 30.0)}  # seed 1 of random unfinished: one eval only
+    for (row, seed), vals in miou.items():
+        for name, v in zip(real_study.EVALS, vals):
+            fake_job(work, row, seed, name, v)
+    fake_job(work, "random", 1, "linear probe", 99.0)
+    monkeypatch.setattr(sys, "argv", ["real_study.py", "--table-only"])
+    real_study.main(["--table-only", "--seeds", "2", "--rows", "random", "ce", "mdp",
+                     "--work-dir", str(work), "--results-dir", str(results)])
+    data = json.loads((results / "real_table.json").read_text())
+    for row in ("mdp", "ce"):
+        for k, name in enumerate(real_study.EVALS):
+            vals = np.array([miou[row, s][k] for s in (0, 1)])
+            cell = data["table"][row][name]
+            assert cell["n"] == 2 and cell["mean"] == pytest.approx(vals.mean())
+            assert cell["std"] == pytest.approx(vals.std())
+    # a seed with an unfinished evaluation is left out of the row, never half-counted
+    assert data["table"]["random"]["linear probe"] == {"mean": 20.0, "std": 0.0, "n": 1}
+    probe = next(c for c in data["claims"] if c["better"] == "mdp" and c["worse"] == "ce"
+                 and c["target"] == "linear probe")
+    assert probe["diff"] == pytest.approx(42.0 - 37.0) and probe["noise"] == pytest.approx(3.0)
+    assert probe["verdict"] == "holds"
+    text = (results / "real_table.md").read_text()
+    assert "abc1234 (16 jobs)" in text and "--table-only" not in text
+    assert "| MDP | 42.00 ± 2.00 | 32.00 ± 2.00 | 51.00 ± 1.00 |" in text
+    assert (results / "real_table.png").stat().st_size > 1000
+
+
+def test_no_finished_job_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no finished row"):
+        real_study.main(["--table-only", "--work-dir", str(tmp_path), "--results-dir",
+                         str(tmp_path / "r")])
