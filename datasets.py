@@ -2,7 +2,8 @@
 
 Readers read the layouts of MMSegmentation's dataset-preparation guide and return a PIL image and a
 uint8 label in the dataset's own train-id space (0..K_d-1, 255 = ignore). `LabelSpace` concatenates
-the label spaces without any manual mapping (M1): global id = o_d + l, ignore -> IGNORE = -1 (int64).
+the label spaces without any manual mapping (M1): global id = o_d + l, ignore -> IGNORE = -1 (int64);
+only the `--label-map` ablation (label_map.py) merges or drops classes.
 `train_transform` / `eval_transform` are the MMSegmentation-style pipelines of M9 on
 (tv_tensors.Image, tv_tensors.Mask). `DatasetMixSampler` orders the samples (optionally weighted per
 dataset) and shards them over DDP ranks. toy.py writes toy data in the real layouts for these readers.
@@ -23,6 +24,9 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from label_map import read_label_map
+from label_map import resolve as resolve_label_map
 
 IGNORE = -1  # global ignore label (labels are int64 once global, M1)
 RAW_IGNORE = 255  # readers' local ignore value (uint8)
@@ -253,9 +257,14 @@ def build_reader(name: str, data_root: str | Path, split: str) -> SegReader:
 
 # ------------------------------------------------------------------------------------------ label space
 class LabelSpace:
-    """M1: the datasets' label spaces concatenated; global id = offset_d + local id, 255 -> IGNORE."""
+    """M1: the datasets' label spaces concatenated; global id = offset_d + local id, 255 -> IGNORE.
 
-    def __init__(self, names: list[str], classes: list[list[str]]):
+    With `label_map` (label_map.read_label_map's normalised dict, the --label-map ablation) the
+    concatenated id then goes through a lookup table: merged classes share one id, dropped ones
+    become IGNORE, ids stay dense 0..C'-1 in the order of each class's first member. `offsets`
+    always index the concatenation before the map."""
+
+    def __init__(self, names: list[str], classes: list[list[str]], label_map: dict | None = None):
         if len(set(names)) != len(names) or len(names) != len(classes):
             raise ValueError(f"dataset names must be unique and match the class lists, got {names}")
         self.names, self.classes = list(names), [list(c) for c in classes]
@@ -263,12 +272,25 @@ class LabelSpace:
         self.offsets = [sum(self.num_classes_per_dataset[:d]) for d in range(len(names))]
         self.num_classes = sum(self.num_classes_per_dataset)
         self.class_names = [f"{n}:{c}" for n, cs in zip(names, classes) for c in cs]
-        self.class_dataset = torch.tensor([d for d, k in enumerate(self.num_classes_per_dataset) for _ in range(k)],
-                                          dtype=torch.long)  # (C,)
+        concat_dataset = [d for d, k in enumerate(self.num_classes_per_dataset) for _ in range(k)]
+        self.class_dataset = torch.tensor(concat_dataset, dtype=torch.long)  # (C,)
+        self.label_map, self.lut = label_map, None
+        if label_map is not None:
+            lut, members, self.class_names = resolve_label_map(self.names, self.classes, label_map)
+            self.lut = torch.tensor(lut, dtype=torch.long)  # (C,) concatenated id -> id or IGNORE
+            self.num_classes = len(members)
+            # a merged class's dataset here is its first member's; `membership` has them all
+            self.class_dataset = torch.tensor([concat_dataset[m[0]] for m in members], dtype=torch.long)
+        # (C', D) bool: class c has a member in dataset d (one-hot rows without a map)
+        ids = self.lut if self.lut is not None else torch.arange(len(concat_dataset))
+        keep = ids != IGNORE
+        self.membership = torch.zeros(self.num_classes, len(names), dtype=torch.bool)
+        self.membership[ids[keep], torch.tensor(concat_dataset, dtype=torch.long)[keep]] = True
 
     @classmethod
-    def from_readers(cls, readers: list[SegReader]) -> "LabelSpace":
-        return cls([r.name for r in readers], [r.classes for r in readers])
+    def from_readers(cls, readers: list[SegReader], label_map_file: str | Path | None = None) -> "LabelSpace":
+        names, classes = [r.name for r in readers], [r.classes for r in readers]
+        return cls(names, classes, read_label_map(label_map_file, names, classes) if label_map_file else None)
 
     def to_global(self, label: np.ndarray | torch.Tensor, d: int) -> torch.Tensor:
         """(H, W) local ids 0..K_d-1 or 255 -> (H, W) int64 global ids or IGNORE."""
@@ -277,14 +299,20 @@ class LabelSpace:
         bad = t[((t < 0) | (t >= k)) & (t != RAW_IGNORE)]
         if bad.numel():
             raise ValueError(f"{self.names[d]}: label value {int(bad[0])} outside 0..{k - 1} and not 255")
-        return (t.long() + self.offsets[d]).masked_fill_(t == RAW_IGNORE, IGNORE)
+        g = (t.long() + self.offsets[d]).masked_fill_(t == RAW_IGNORE, IGNORE)  # concatenated ids
+        if self.lut is None:
+            return g
+        return self.lut[g.clamp(min=0)].masked_fill_(g == IGNORE, IGNORE)
 
     def state_dict(self) -> dict:
-        return {"names": list(self.names), "classes": [list(c) for c in self.classes]}
+        sd = {"names": list(self.names), "classes": [list(c) for c in self.classes]}
+        if self.label_map is not None:  # without a map: the keys of checkpoints before --label-map
+            sd["label_map"] = self.label_map
+        return sd
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "LabelSpace":
-        return cls(d["names"], d["classes"])
+        return cls(d["names"], d["classes"], d.get("label_map"))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, LabelSpace) and self.state_dict() == other.state_dict()
@@ -383,10 +411,10 @@ def voc_palette() -> list[int]:
 class MultiDataset(Dataset):
     """The readers concatenated; items are (image (3,H,W) float, label (H,W) int64 global ids, dataset index)."""
 
-    def __init__(self, readers: list[SegReader], transform=None):
+    def __init__(self, readers: list[SegReader], transform=None, label_map_file: str | Path | None = None):
         if not readers:
             raise ValueError("MultiDataset needs at least one reader")
-        self.readers, self.label_space = readers, LabelSpace.from_readers(readers)
+        self.readers, self.label_space = readers, LabelSpace.from_readers(readers, label_map_file)
         if transform is None:  # no augmentation: only the conversion to a normalised float image
             transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
         self.transform = transform
@@ -404,8 +432,9 @@ class MultiDataset(Dataset):
         return image.as_subclass(torch.Tensor), self.label_space.to_global(mask, d), d
 
 
-def build_multidataset(names: list[str], data_root: str | Path, split: str, transform=None) -> MultiDataset:
-    return MultiDataset([build_reader(n, data_root, split) for n in names], transform)
+def build_multidataset(names: list[str], data_root: str | Path, split: str, transform=None,
+                       label_map_file: str | Path | None = None) -> MultiDataset:
+    return MultiDataset([build_reader(n, data_root, split) for n in names], transform, label_map_file)
 
 
 class DatasetMixSampler(Sampler[int]):
@@ -450,13 +479,14 @@ def main(argv: list[str] | None = None) -> None:
     inf.add_argument("--datasets", nargs="+", required=True)
     inf.add_argument("--data-root", default="data/toy")
     inf.add_argument("--names", action="store_true", help="also list every global class id and name")
+    inf.add_argument("--label-map", default=None, metavar="FILE", help="merge / drop classes (M1 ablation)")
     args = ap.parse_args(argv)
     readers = {s: [build_reader(n, args.data_root, s) for n in args.datasets] for s in ("train", "val")}
-    space = LabelSpace.from_readers(readers["train"])
+    space = LabelSpace.from_readers(readers["train"], args.label_map)
     print(f"{'dataset':<12} {'classes':>7} {'offset':>6} {'train':>7} {'val':>6}  root")
     for d, (tr, va) in enumerate(zip(readers["train"], readers["val"])):
         print(f"{tr.name:<12} {len(tr.classes):>7} {space.offsets[d]:>6} {len(tr):>7} {len(va):>6}  {tr.root}")
-    print(f"total classes C = {space.num_classes}")
+    print(f"total classes C = {space.num_classes}" + (f" after {args.label_map}" if args.label_map else ""))
     if args.names:
         for c, n in enumerate(space.class_names):
             print(f"{c:>5} {n}")

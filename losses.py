@@ -70,6 +70,21 @@ def prototype_contrast_loss(z: torch.Tensor, prototypes: torch.Tensor, filled: t
     return _soft_target_mean(nll, y_a, y_b, w, allowed=filled)
 
 
+def _membership(class_dataset: torch.Tensor) -> torch.Tensor:
+    """(C,) int64 dataset of each class -> (C, num_datasets) bool; a (C, num_datasets) bool
+    membership (classes merged by --label-map belong to several datasets) passes through."""
+    if class_dataset.dim() == 2:
+        return class_dataset
+    return F.one_hot(class_dataset, int(class_dataset.max()) + 1).bool()  # host sync on a GPU
+
+
+def _shares_dataset(class_dataset: torch.Tensor) -> torch.Tensor:
+    """(C, C) bool: classes i and j have a dataset in common. Takes (C,) int64 or (C, D) bool."""
+    if class_dataset.dim() == 1:  # no host sync on this path
+        return class_dataset[:, None] == class_dataset[None, :]
+    return (class_dataset[:, None, :] & class_dataset[None, :, :]).any(-1)
+
+
 def csc_loss(z: torch.Tensor, prototypes: torch.Tensor, filled: torch.Tensor, labels: torch.Tensor,
              class_dataset: torch.Tensor, tau: float = 0.07, topk: int = 3) -> torch.Tensor:
     """M5 cross-dataset sparse coding.
@@ -78,15 +93,17 @@ def csc_loss(z: torch.Tensor, prototypes: torch.Tensor, filled: torch.Tensor, la
     prototypes of the other datasets; take its top-k (k = min(topk, #candidates)) by s_pc, sparse
     code alpha = softmax of those k s_pc (detached) and loss_p = -sum_j alpha_j log softmax_j(s_p),
     the softmax being M4's (over all filled prototypes). Mean over pixels with >= 1 candidate;
-    a single dataset has no candidates and gives 0.
+    a single dataset has no candidates and gives 0. With classes merged by --label-map (a
+    membership matrix), a class is a candidate only if it shares no dataset with the pixel's
+    label: a class of any dataset the label belongs to is one that label excludes (METHOD.md M5).
 
     z (N, D), prototypes (C, D), filled (C,) bool, labels (N,) hard labels / IGNORE,
-    class_dataset (C,) int64. Returns a scalar.
+    class_dataset (C,) int64, or (C, num_datasets) bool membership. Returns a scalar.
     """
     s = _masked_logits(z, prototypes, filled, tau)  # (N, C)
     logp = s.log_softmax(1)
-    own = class_dataset[labels.clamp(min=0)]  # (N,) dataset of each pixel
-    cand = filled[None, :] & (class_dataset[None, :] != own[:, None]) & (labels != IGNORE)[:, None]
+    same = _shares_dataset(class_dataset)[labels.clamp(min=0)]  # (N, C): class shares the pixel's dataset
+    cand = filled[None, :] & ~same & (labels != IGNORE)[:, None]
     k = min(topk, s.shape[1])
     top_s, top_i = s.detach().masked_fill(~cand, float("-inf")).topk(k, dim=1)  # (N, k)
     in_top = torch.isfinite(top_s)  # False in slots beyond a pixel's number of candidates
@@ -108,16 +125,20 @@ def multihead_loss(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, w
                    class_dataset: torch.Tensor) -> torch.Tensor:
     """M8 `multihead`: each term's softmax runs over the classes of its target's own dataset
     (class_dataset == class_dataset[target]), i.e. one 1x1 classifier per dataset on a shared
-    backbone, written as slices of one (N, C) logit map. logits (N, C) -> scalar."""
+    backbone, written as slices of one (N, C) logit map. A class merged by --label-map is one
+    output shared by the heads of its datasets: its term is the mean of its CE in each of those
+    heads (exactly the single-head CE without merges). class_dataset (C,) int64 or
+    (C, num_datasets) bool membership; logits (N, C) -> scalar."""
     x = _f32(logits)  # (N, C)
     neg = torch.finfo(x.dtype).min
-    num_datasets = int(class_dataset.max()) + 1
+    member = _membership(class_dataset)  # (C, num_datasets)
     # per-dataset log-sum-exp, (N, num_datasets); a loop over the (few) datasets keeps memory at N*C
-    lse = torch.stack([x.masked_fill(class_dataset[None, :] != d, neg).logsumexp(1)
-                       for d in range(num_datasets)], 1)
+    lse = torch.stack([x.masked_fill(~member[None, :, d], neg).logsumexp(1)
+                       for d in range(member.shape[1])], 1)
 
-    def nll(y: torch.Tensor) -> torch.Tensor:  # own-dataset log-sum-exp minus the target logit
-        return lse.gather(1, class_dataset[y][:, None])[:, 0] - x.gather(1, y[:, None])[:, 0]
+    def nll(y: torch.Tensor) -> torch.Tensor:  # mean own-dataset log-sum-exp minus the target logit
+        own = member[y]  # (N, num_datasets)
+        return torch.where(own, lse, 0.0).sum(1) / own.sum(1) - x.gather(1, y[:, None])[:, 0]
     return _soft_target_mean(nll, y_a, y_b, w)
 
 

@@ -39,6 +39,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="data")
     p.add_argument("--dataset-weights", nargs="+", type=float, default=None,
                    help="sampling weight per dataset (default: in proportion to size)")
+    p.add_argument("--label-map", default=None, metavar="FILE",
+                   help="M1 ablation: merge classes named equal ('voc:person = ade20k:person'), "
+                        "drop those '= ignore' (format: label_map.py, README)")
     p.add_argument("--base-size", nargs=2, type=int, default=[2048, 512], metavar=("W", "H"))
     p.add_argument("--crop-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
     # network (M2)
@@ -122,7 +125,8 @@ def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) ->
 def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
                  w: torch.Tensor, bank: PrototypeBank | None, class_dataset: torch.Tensor,
                  gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution.
+    """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution;
+    class_dataset: (C,) int64 dataset of each class, or the (C, num_datasets) bool membership.
     Returns the loss and its detached parts (device scalars: read them only when logging)."""
     size = out.shape[-2:]
     y_a, y_b = downsample_labels(y_a, size), downsample_labels(y_b, size)  # (B, h, w)
@@ -174,7 +178,15 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
 
 def build_data(args: argparse.Namespace) -> MultiDataset:
     return build_multidataset(args.datasets, args.data_root, "train",
-                              train_transform(tuple(args.base_size), tuple(args.crop_size)))
+                              train_transform(tuple(args.base_size), tuple(args.crop_size)),
+                              args.label_map)
+
+
+def describe_space(sd: dict) -> str:
+    """A LabelSpace.state_dict in words, for the resume error."""
+    m = sd.get("label_map")
+    return f"{sd['names']}" + (f" with a label map ({len(m['merge'])} merged groups, "
+                               f"{len(m['ignore'])} dropped classes)" if m else "")
 
 
 def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
@@ -256,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         if ckpt.get("task") != "pretrain":
             raise utils.CheckpointError(f"{resume} is not a pretraining checkpoint")
         if ckpt["label_space"] != label_space.state_dict():
-            raise utils.CheckpointError(f"{resume} was trained on {ckpt['label_space']['names']}, "
-                                        f"not {label_space.names}")
+            old, new = describe_space(ckpt["label_space"]), describe_space(label_space.state_dict())
+            maps_differ = ckpt["label_space"].get("label_map") != label_space.label_map
+            raise utils.CheckpointError(f"{resume} was trained on {old}, not {new}"
+                                        + (" (the label maps differ)" if old == new and maps_differ else ""))
         model.load_state_dict(ckpt["model"])
         if bank is not None:
             bank.load_state_dict(ckpt["bank"])
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"resumed from {resume} at step {step}")
     utils.save_config(args, out_dir)
     logger = utils.JsonlLogger(out_dir / "log.jsonl", append=step > 0)
-    class_dataset = label_space.class_dataset.to(device)
+    class_dataset = label_space.membership.to(device)  # (C, num_datasets): merged classes (M1, M5)
     stop = utils.StopFlag()
 
     def checkpoint() -> None:
@@ -282,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
             "label_space": label_space.state_dict(), "args": vars(args)}, out_dir / "last.pth")
 
     if utils.is_main():
-        print(f"{args.method} on {label_space.names}: C={label_space.num_classes} classes, "
+        print(f"{args.method} on {describe_space(label_space.state_dict())}: "
+              f"C={label_space.num_classes} classes, "
               f"{sum(dataset.sizes)} images, {world} process(es) x {args.batch_size}, "
               f"{total} steps ({iters_per_epoch}/epoch) on {device}, {args.amp_dtype}")
     # No host sync in a step: loss parts stay on the device, and the finite-loss check and the

@@ -54,6 +54,8 @@ def own_task_classifier(state: dict, dataset: str) -> tuple[OwnTaskClassifier, s
     args, space = state["args"], LabelSpace.from_state_dict(state["label_space"])
     if dataset not in args["datasets"]:
         raise ValueError(f"{dataset} is not one of the checkpoint's datasets {args['datasets']}")
+    if space.label_map is not None:  # merged / dropped classes: a dataset is no slice of C
+        raise ValueError("a checkpoint pretrained with --label-map is not supported here")
     d = args["datasets"].index(dataset)
     classes = slice(space.offsets[d], space.offsets[d] + space.num_classes_per_dataset[d])
     method = args["method"]

@@ -31,7 +31,10 @@ def naive_contrast(z, protos, filled, y_a, y_b, w, tau):
     return sum(losses_p) / len(losses_p) if losses_p else z.sum() * 0
 
 
-def naive_csc(z, protos, filled, labels, class_dataset, tau, topk):
+def naive_csc(z, protos, filled, labels, class_dataset, tau, topk, other=None):
+    """Per-pixel loop of M5; other(c, y): may class c code a pixel labelled y (default: c is of
+    another dataset than y; tests/test_label_map.py passes the rule for merged classes)."""
+    other = other or (lambda c, y: int(class_dataset[c]) != int(class_dataset[y]))
     fidx = [c for c in range(protos.shape[0]) if filled[c]]
     out = []
     for p in range(z.shape[0]):
@@ -39,7 +42,7 @@ def naive_csc(z, protos, filled, labels, class_dataset, tau, topk):
         if y == IGNORE:
             continue
         s = {c: (z[p] * protos[c]).sum() / tau for c in fidx}
-        cands = [c for c in fidx if int(class_dataset[c]) != int(class_dataset[y])]
+        cands = [c for c in fidx if other(c, y)]
         if not cands:
             continue
         top = sorted(cands, key=lambda c: -float(s[c].detach()))[:topk]
@@ -49,18 +52,21 @@ def naive_csc(z, protos, filled, labels, class_dataset, tau, topk):
     return sum(out) / len(out) if out else z.sum() * 0
 
 
-def naive_soft_ce(logits, y_a, y_b, w, class_dataset=None):
-    """ce (class_dataset None) or multihead (softmax over the target's own dataset's classes)."""
+def naive_soft_ce(logits, y_a, y_b, w, class_dataset=None, heads=None):
+    """ce (class_dataset None) or multihead (softmax over the target's own dataset's classes).
+    heads(y): the class lists of the softmaxes a target y enters, its CE averaged over them
+    (tests/test_label_map.py: merged classes); default one, as class_dataset says."""
     out = []
     for p in range(logits.shape[0]):
         terms = []
         for y, wt in ((int(y_a[p]), float(w[p])), (int(y_b[p]), 1.0 - float(w[p]))):
             if y == IGNORE or wt <= 0:
                 continue
-            cls = range(logits.shape[1]) if class_dataset is None else \
-                [c for c in range(logits.shape[1]) if class_dataset[c] == class_dataset[y]]
-            lse = torch.logsumexp(torch.stack([logits[p, c] for c in cls]), 0)
-            terms.append(wt * (lse - logits[p, y]))
+            cls = [range(logits.shape[1]) if class_dataset is None else
+                   [c for c in range(logits.shape[1]) if class_dataset[c] == class_dataset[y]]]
+            lse = [torch.logsumexp(torch.stack([logits[p, c] for c in h]), 0)
+                   for h in (heads(y) if heads else cls)]
+            terms.append(wt * (sum(lse) / len(lse) - logits[p, y]))
         if terms:
             out.append(sum(terms))
     return sum(out) / len(out) if out else logits.sum() * 0
