@@ -147,12 +147,17 @@ def test_backbone_loaded_from_pretraining_checkpoint(tmp_path: Path, capsys) -> 
     assert f"backbone: loaded {n}/{n} tensors" in capsys.readouterr().out
 
 
-def test_freeze_backbone_trains_the_head_only(toy_root: Path, tmp_path: Path) -> None:
+def tiny_pretrain_checkpoint(path: Path) -> Path:
+    """A pretraining checkpoint of a seeded, untrained resnet14 MDPNet."""
     torch.manual_seed(0)
-    pre = tmp_path / "pretrain.pth"
     utils.save_checkpoint({"task": "pretrain", "step": 0, "args": {"arch": "resnet14"},
                            "model": MDPNet("resnet14", output_stride=8, embed_dim=16).state_dict()},
-                          pre)
+                          path)
+    return path
+
+
+def test_freeze_backbone_trains_the_head_only(toy_root: Path, tmp_path: Path) -> None:
+    pre = tiny_pretrain_checkpoint(tmp_path / "pretrain.pth")
     p = run("--ckpt", str(pre), *TINY, "--freeze-backbone", "--num-overlays", "0",
             "--out-dir", str(tmp_path / "ft"), root=toy_root)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -202,11 +207,7 @@ def test_bad_input_one_line(case: str, scratch_run: Path, toy_root: Path, tmp_pa
 
 
 def test_linear_probe_changes_nothing_but_its_classifier(toy_root: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    pre = tmp_path / "pretrain.pth"
-    utils.save_checkpoint({"task": "pretrain", "step": 0, "args": {"arch": "resnet14"},
-                           "model": MDPNet("resnet14", output_stride=8, embed_dim=16).state_dict()},
-                          pre)
+    pre = tiny_pretrain_checkpoint(tmp_path / "pretrain.pth")
     p = run("--ckpt", str(pre), *TINY, "--model", "linear", "--num-overlays", "0",
             "--out-dir", str(tmp_path / "probe"), root=toy_root)
     assert p.returncode == 0, p.stderr[-3000:]

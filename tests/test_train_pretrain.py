@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +32,19 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def assert_resume_equals(r: subprocess.CompletedProcess, out: Path, ref: Path, resumed_at: int,
+                         total: int) -> dict:
+    """The resumed run `r` in `out` said where it resumed and ends bit-for-bit equal to the
+    uninterrupted run in `ref` (weights and bank). Returns the reference checkpoint."""
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'last.pth'} at step {resumed_at}" in r.stdout
+    a, b = load(ref / "last.pth"), load(out / "last.pth")
+    assert a["step"] == b["step"] == total
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["bank"], b["bank"])
+    return a
 
 
 def test_two_process_torchrun(toy_root: Path, tmp_path: Path) -> None:
@@ -92,13 +104,8 @@ def test_sigterm_then_resume_is_bit_for_bit(toy_root: Path, tmp_path: Path) -> N
     stopped_at = load(out / "last.pth")["step"]
     assert 2 <= stopped_at < 8, stdout
 
-    r = run(common + ["--out-dir", str(out), "--resume", "auto"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {out / 'last.pth'} at step {stopped_at}" in r.stdout
-    a, b = load(ref / "last.pth"), load(out / "last.pth")
-    assert a["step"] == b["step"] == 8
-    assert_same_state(a["model"], b["model"])
-    assert_same_state(a["bank"], b["bank"])
+    assert_resume_equals(run(common + ["--out-dir", str(out), "--resume", "auto"]), out, ref,
+                         stopped_at, 8)
 
 
 def one_error_line(r: subprocess.CompletedProcess, *fragments: str) -> None:
