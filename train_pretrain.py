@@ -1,10 +1,12 @@
-"""MDP pretraining (M1-M8): one process with `python`, DDP with `torchrun`.
+"""MDP pretraining (M1-M8, M10): one process with `python`, DDP with `torchrun`.
 
     python train_pretrain.py --datasets voc ade20k --data-root data
     torchrun --nproc_per_node=8 train_pretrain.py --datasets voc ade20k --data-root data
 
 One step (M7):  mix the batch (M6) -> embed (M2) -> update the prototype bank from the hard-labelled
 pixels of the whole global batch (M3) -> L = L_con (M4) + csc_weight * L_csc (M5).
+`--unlabelled SRC ...` (M10, mine.py): after a warm-up, unlabelled images join the forward pass;
+their confidently mined pixels add mine_weight * L_con(pseudo-labels), feeding neither bank nor CSC.
 `--method ce|multihead|pix2pix` trains the M8 baselines with the same data, network and schedule.
 
 Randomness is keyed, not streamed: augmentation by (seed, epoch, sample index), mixing and pixel
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import mine
 import utils
 from datasets import (IGNORE, DatasetMixSampler, LabelSpace, MultiDataset, build_multidataset,
                       train_transform)
@@ -62,6 +65,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cross-dataset mixing (default: both for mdp, none for the baselines)")
     p.add_argument("--max-pixels", type=int, default=0,
                    help="labelled pixels sampled per image for the loss (0 = all; pix2pix: 1024)")
+    # unlabelled images (M10, mine.py)
+    p.add_argument("--unlabelled", nargs="+", default=None, metavar="SRC",
+                   help="images whose labels are not used: a dataset name (its train split) or "
+                        "images:PATH (*.jpg/*.jpeg/*.png below PATH, relative to --data-root)")
+    p.add_argument("--mine-ratio", type=float, default=1.0,
+                   help="unlabelled images per labelled one: round(ratio * batch size) per process")
+    p.add_argument("--mine-threshold", type=float, default=0.9,
+                   help="a pixel is mined when its top prototype probability reaches this")
+    p.add_argument("--mine-weight", type=float, default=1.0, help="weight of the mined L_con")
+    p.add_argument("--mine-warmup", type=int, default=None, metavar="N",
+                   help="labelled-only steps first (default: 10%% of the steps)")
     # optimisation
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--iters", type=int, default=0, help="total steps; overrides --epochs")
@@ -97,6 +111,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{name} must be >= 1, got {value}")
     if args.tau <= 0:
         p.error(f"--tau must be > 0, got {args.tau}")
+    if args.unlabelled and args.method != "mdp":
+        p.error(f"--unlabelled needs --method mdp (the prototypes label the pixels), "
+                f"not --method {args.method}")
+    if round(args.mine_ratio * args.batch_size) < 1:
+        p.error(f"--mine-ratio {args.mine_ratio} gives no unlabelled image per batch of "
+                f"{args.batch_size}")
+    if not 0 <= args.mine_threshold <= 1 or args.mine_weight < 0 or (args.mine_warmup or 0) < 0:
+        p.error("--mine-threshold must lie in [0, 1], --mine-weight and --mine-warmup be >= 0")
     if args.dataset_weights is not None and len(args.dataset_weights) != len(args.datasets):
         p.error(f"--dataset-weights needs one weight per dataset ({len(args.datasets)}), "
                 f"got {len(args.dataset_weights)}")
@@ -124,9 +146,12 @@ def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) ->
 
 def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
                  w: torch.Tensor, bank: PrototypeBank | None, class_dataset: torch.Tensor,
-                 gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 gen: torch.Generator, out_u: torch.Tensor | None = None,
+                 y_u: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution;
     class_dataset: (C,) int64 dataset of each class, or the (C, num_datasets) bool membership.
+    out_u (B_u, D, h, w): unlabelled embeddings (M10, MDP only), y_u (B_u, H, W): IGNORE on crop
+    padding; they are mined after the bank update, which sees the labelled pixels only.
     Returns the loss and its detached parts (device scalars: read them only when logging)."""
     size = out.shape[-2:]
     y_a, y_b = downsample_labels(y_a, size), downsample_labels(y_b, size)  # (B, h, w)
@@ -150,12 +175,20 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
         loss = multihead_loss(feats, y_a, y_b, w, class_dataset)
         return loss, {"loss": loss.detach()}
     protos, filled = bank.prototypes, bank.filled
-    loss_con = prototype_contrast_loss(feats, protos, filled, y_a, y_b, w, tau=args.tau)
-    if args.no_csc:
-        return loss_con, {"loss": loss_con.detach(), "con": loss_con.detach()}
-    loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=args.tau, topk=args.topk)
-    loss = loss_con + args.csc_weight * loss_csc
-    return loss, {"loss": loss.detach(), "con": loss_con.detach(), "csc": loss_csc.detach()}
+    loss = loss_con = prototype_contrast_loss(feats, protos, filled, y_a, y_b, w, tau=args.tau)
+    parts = {"con": loss_con.detach()}
+    if not args.no_csc:
+        loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=args.tau,
+                            topk=args.topk)
+        loss = loss_con + args.csc_weight * loss_csc
+        parts["csc"] = loss_csc.detach()
+    if out_u is not None:  # M10
+        valid_u = downsample_labels(y_u, out_u.shape[-2:]) != IGNORE  # (B_u, h, w)
+        loss_u, frac = mine.mined_loss(out_u, valid_u, protos, filled, args.tau,
+                                       args.mine_threshold)
+        loss = loss + args.mine_weight * loss_u
+        parts.update(mined=loss_u.detach(), mined_frac=frac)
+    return loss, {"loss": loss.detach(), **parts}
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> MDPNet:
@@ -189,6 +222,12 @@ def describe_space(sd: dict) -> str:
                                f"{len(m['ignore'])} dropped classes)" if m else "")
 
 
+def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
+    """Fixed, distinct colours per global class (show_batch, mine.py)."""
+    gen = torch.Generator().manual_seed(0)
+    return [tuple(c) for c in torch.randint(40, 256, (num_classes, 3), generator=gen).tolist()]
+
+
 def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
     """Writes OUT_DIR/batch.png: N augmented, mixed images beside their label overlays (M6 made
     visible: region boxes drawn in white, pixel-level "intermediate class" areas hatched)."""
@@ -203,9 +242,7 @@ def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
     images, labels, didx = next(iter(loader))
     images, y_a, _, w, info = mix_batch(images, labels, didx, args.mix,
                                         step_generator(args.seed, 0, 0), return_info=True)
-    gen = torch.Generator().manual_seed(0)  # fixed, distinct colours per global class
-    colours = [tuple(c) for c in torch.randint(40, 256, (dataset.label_space.num_classes, 3),
-                                               generator=gen).tolist()]
+    colours = class_colours(dataset.label_space.num_classes)
     tiles = []
     for i, img in enumerate(denormalize(images)):
         img8 = (img * 255).round().to(torch.uint8)  # (3, H, W)
@@ -251,6 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, world, rank, seed=args.seed)
     iters_per_epoch = utils.batches_per_epoch(dataset, sampler, args.batch_size)
     total = args.iters or args.epochs * iters_per_epoch
+    if args.unlabelled:  # M10: a second keyed stream, sharded like the labelled one
+        data_u = mine.build_unlabelled(args.unlabelled, args.data_root, train_transform(
+            tuple(args.base_size), tuple(args.crop_size)))
+        seed_u, batch_u = mine.unlabelled_seed(args.seed), round(args.mine_ratio * args.batch_size)
+        sampler_u = DatasetMixSampler(data_u.sizes, None, world, rank, seed=seed_u)
+        utils.batches_per_epoch(data_u, sampler_u, batch_u)  # too few images: fail now
+        if args.mine_warmup is None:
+            args.mine_warmup = total // 10
     scheduler = utils.build_scheduler(optimizer, args.schedule, total, args.warmup_iters,
                                       min_lr=args.min_lr)
     amp = utils.amp_dtype(args.amp, device)
@@ -300,12 +345,16 @@ def main(argv: list[str] | None = None) -> None:
               f"C={label_space.num_classes} classes, "
               f"{sum(dataset.sizes)} images, {world} process(es) x {args.batch_size}, "
               f"{total} steps ({iters_per_epoch}/epoch) on {device}, {args.amp_dtype}")
+        if args.unlabelled:
+            print(f"mining {sum(data_u.sizes)} unlabelled images ({' '.join(args.unlabelled)}), "
+                  f"{batch_u} per process and step from step {args.mine_warmup}")
     # No host sync in a step: loss parts stay on the device, and the finite-loss check and the
     # SIGTERM broadcast run only where the loop logs or saves anyway.
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # utils.note_non_finite
     with tqdm(total=total, initial=step, disable=not utils.is_main(), dynamic_ncols=True) as bar:
         ddp.train()
         t0, seen = time.time(), 0
+        stream_u = None  # unlabelled batches, made at the first mining step (none in the warm-up)
         while step < total:
             epoch, loader = utils.epoch_loader(dataset, sampler, step, args.batch_size, args.seed,
                                                args.workers, pin_memory=use_cuda)
@@ -314,11 +363,23 @@ def main(argv: list[str] | None = None) -> None:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 images, y_a, y_b, w = mix_batch(images, labels, didx, args.mix, gen,
                                                 num_classes=label_space.num_classes)
+                n_lab, y_u = images.shape[0], None
+                if args.unlabelled and step >= args.mine_warmup:
+                    if stream_u is None:  # unlabelled batch k goes with step warm-up + k
+                        stream_u = mine.unlabelled_batches(
+                            data_u, sampler_u, step - args.mine_warmup, batch_u, seed_u,
+                            args.workers, use_cuda)
+                    images_u, y_u = (t.to(device, non_blocking=True) for t in next(stream_u))
+                    images = torch.cat([images, images_u])  # one forward pass (M10), no mixing
                 if use_cuda:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with utils.autocast(device, amp):
                     out = ddp(images)
-                loss, parts = compute_loss(args, out.float(), y_a, y_b, w, bank, class_dataset, gen)
+                out, out_u = out.float(), None
+                if y_u is not None:
+                    out, out_u = out[:n_lab], out[n_lab:]
+                loss, parts = compute_loss(args, out, y_a, y_b, w, bank, class_dataset, gen,
+                                           out_u, y_u)
                 first_bad = utils.note_non_finite(first_bad, loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -337,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
                     ips = seen / (time.time() - t0)
                     lr = optimizer.param_groups[0]["lr"]
                     parts = {k: v.item() for k, v in parts.items()}
-                    bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                    mined = {k: f"{parts[k]:.2f}" for k in ("mined_frac",) if k in parts}
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
+                                    **mined)
                     logger.log(step=step, epoch=epoch, lr=lr, img_per_s=ips, **parts)
                 preempted = utils.broadcast_flag(stop.requested, device)
                 if save_now or preempted:

@@ -44,6 +44,7 @@ ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
     "mdp_no_mix": [(VOC_ADE, ["--mix", "none"])],
     "mdp_tau0.3": [(VOC_ADE, ["--tau", "0.3"])],
     "mdp_label_map": [(VOC_ADE, ["--label-map", str(ROOT / "scripts" / "toy_label_map.txt")])],
+    "mdp_unlabelled": [(VOC_ADE, ["--unlabelled", "coco_stuff"])],  # M10: COCO without its labels
 }
 LABELS = {
     "scratch": "scratch (no pretraining)", "ce": "CE, VOC+ADE", "multihead": "multi-head, VOC+ADE",
@@ -51,6 +52,7 @@ LABELS = {
     "mdp_voc": "MDP, VOC", "mdp_voc_ade": "MDP, VOC+ADE", "mdp_voc_ade_coco": "MDP, VOC+ADE+COCO",
     "mdp_no_csc": "MDP w/o CSC, VOC+ADE", "mdp_no_mix": "MDP w/o mixing, VOC+ADE",
     "mdp_tau0.3": "MDP τ=0.3, VOC+ADE", "mdp_label_map": "MDP + label map, VOC+ADE",
+    "mdp_unlabelled": "MDP + unlabelled COCO, VOC+ADE",
 }
 TARGETS = ["voc", "ade20k", "cityscapes"]
 # The orderings the source claims (METHOD.md M8 and "The source's numbers") and its own numbers:
