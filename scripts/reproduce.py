@@ -152,6 +152,23 @@ def finetune_all(ckpt: str | None, seed: int, out: Path, data_root: Path, iters:
     return results
 
 
+def keep_previous_rows(runs: dict, path: Path, targets: list[str]) -> list[str]:
+    """Adds to `runs` the rows of a previous results json that this call did not run (so a new row
+    joins the committed table without rerunning the rest); returns their names. Rows are put in
+    ROWS order."""
+    if not path.is_file():
+        return []
+    prev = json.loads(path.read_text()).get("runs", {})
+    kept = [r for r in prev if r not in runs and r in ROWS
+            and all(t in res for res in prev[r].values() for t in targets)]
+    for r in kept:
+        runs[r] = {int(seed): res for seed, res in prev[r].items()}
+    order = {r: i for i, r in enumerate(ROWS)}
+    for r in sorted(runs, key=order.__getitem__):
+        runs[r] = runs.pop(r)  # re-insert in ROWS order
+    return kept
+
+
 def summarise(runs: dict[str, dict[int, dict[str, dict]]], targets: list[str]) -> dict:
     """Mean and std of mIoU per row and target over seeds."""
     table = {}
@@ -264,17 +281,20 @@ def main(argv: list[str] | None = None) -> None:
             ckpt = pretrain(ROWS[row], seed, out, data_root, p_iters)
             runs.setdefault(row, {})[seed] = finetune_all(ckpt, seed, out, data_root, f_iters,
                                                           args.targets)
-    table = summarise(runs, args.targets)
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     name = "toy_table_quick" if args.quick else "toy_table"
+    kept = keep_previous_rows(runs, results / f"{name}.json", args.targets)
+    table = summarise(runs, args.targets)
     command = "python scripts/reproduce.py" + (" --quick" if args.quick else "")
     # wall clock from the jobs' own marks, so a rerun that only rebuilds the table reports it too
     marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
     header = (f"Toy reproduction: `{command}` at commit {git_commit()}, {seeds} seed(s); "
               f"pretraining {p_iters} steps, fine-tuning {f_iters} steps, {ARCH}; {len(marks)} "
               f"jobs, the last finished {(marks[-1] - marks[0]) / 60:.0f} min after the first "
-              f"({os.cpu_count()} CPU cores).")
+              f"({os.cpu_count()} CPU cores)."
+              + (f" Rows {', '.join(kept)}: not rerun, kept from the previous {name}.json."
+                 if kept else ""))
     checks = check_claims(table, args.targets)
     text = write_markdown(table, args.targets, results / f"{name}.md", header)
     if checks:

@@ -38,3 +38,23 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
     # resumable: a second call finds every job done and runs nothing
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "$ " not in again.stdout
+
+
+def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reproduce import keep_previous_rows
+
+    res = lambda v: {"cityscapes": {"mIoU": v}, "voc": {"mIoU": v + 1}}  # noqa: E731
+    prev = {"runs": {"scratch": {"0": res(30.0), "1": res(32.0)},
+                     "mdp_voc_ade": {"0": res(35.0)},
+                     "ce": {"0": {"voc": {"mIoU": 1.0}}},  # lacks a target: not kept
+                     "gone_row": {"0": res(1.0)}}}  # no longer in ROWS: not kept
+    path = tmp_path / "toy_table.json"
+    path.write_text(json.dumps(prev))
+    runs = {"mdp_label_map": {0: res(40.0)}, "mdp_voc_ade": {0: res(99.0)}}  # rerun wins
+    kept = keep_previous_rows(runs, path, ["cityscapes", "voc"])
+    assert kept == ["scratch"]
+    assert list(runs) == ["scratch", "mdp_voc_ade", "mdp_label_map"]  # ROWS order
+    assert runs["scratch"] == {0: res(30.0), 1: res(32.0)}  # int seeds, values untouched
+    assert runs["mdp_voc_ade"] == {0: res(99.0)}
+    assert keep_previous_rows(runs, tmp_path / "missing.json", ["voc"]) == []
