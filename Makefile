@@ -52,8 +52,9 @@ probe: $(TOY)/.written
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# two pytest workers of one thread each: most tests are single-threaded subprocesses
 test: .venv/.installed-test
-	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(THREADS) tests
 
 clean:
 	rm -rf runs $(TOY)
