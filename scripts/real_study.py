@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import finetune  # noqa: E402
+import pretrain_eval  # noqa: E402
 from reproduce import (bar_chart, check_claims, claims_markdown, git_commit,  # noqa: E402
                        job_commits, pretrain, run_once, summarise, write_markdown)
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", default=str(ROOT / "results"))
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the table from the finished jobs, run nothing")
+    p.add_argument("--own-task", action="store_true",
+                   help="diagnostic: each finished pretraining checkpoint's own-task mIoU on val "
+                        "(scripts/pretrain_eval.py, cached beside the checkpoint) in the table")
     args = p.parse_args(argv)
     scale = 10 if args.quick else 1
     data_root, work = Path(args.data_root), Path(args.work_dir)
@@ -170,10 +174,32 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault(row, {})[seed] = evaluate_all(ckpt, seed, out, args.dataset,
                                                           data_root, scale)
             print(f"[{row} seed {seed}: {time.time() - t0:.0f} s]", flush=True)
-    write_results(runs, args, scale, work)
+    own = own_task(work, args) if args.own_task else {}
+    write_results(runs, args, scale, work, own)
 
 
-def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path) -> None:
+def own_task(work: Path, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """row -> seed -> own-task val mIoU of its pretraining checkpoint (nearest prototype for MDP,
+    the classifier for CE; pix2pix has neither). Evaluated once, cached in own_task.json."""
+    scores: dict[str, dict[int, float]] = {}
+    for row, flags in ROWS.items():
+        if flags is None or "pix2pix" in flags or row not in args.rows:
+            continue
+        for seed in range(args.seeds):
+            out = work / row / f"seed{seed}"
+            if not (out / "pretrain0" / "done").exists():
+                continue
+            cache = out / "own_task.json"
+            if not cache.exists():
+                pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", args.dataset,
+                                    "--data-root", args.data_root, "--base-size", *SIZE[1:3],
+                                    "--out", str(cache)])
+            scores.setdefault(row, {})[seed] = json.loads(cache.read_text())["mIoU"]
+    return scores
+
+
+def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
+                  own: dict[str, dict[int, float]] | None = None) -> None:
     """Rows x evaluations, mean ± std over the seeds finished so far (n per cell in the json)."""
     evals = list(EVALS)
     runs = {r: {s: res for s, res in by_seed.items() if all(n in res for n in evals)}
@@ -210,10 +236,17 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path) 
         ", ".join(f"{runs[r][s][n]['mIoU']:.2f}" for s in sorted(runs[r])) for n in evals) + " |"
         for r in runs]
     text += "\n".join(per_seed) + "\n"
+    if own:
+        text += ("\nDiagnostic (`--own-task`): each pretraining checkpoint on its own task, "
+                 "val mIoU (scripts/pretrain_eval.py: MDP by the nearest prototype, CE by its "
+                 "classifier), per seed and mean:\n\n| row | per seed | mean |\n|---|---|---:|\n")
+        text += "".join(f"| {LABELS[r]} | {', '.join(f'{v:.2f}' for v in by.values())} | "
+                        f"{np.mean(list(by.values())):.2f} |\n" for r, by in own.items())
     (results / f"{name}.md").write_text(text)
     print("\n" + text)
     (results / f"{name}.json").write_text(json.dumps(
-        {"header": header, "table": table, "claims": checks, "runs": runs}, indent=1))
+        {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {}},
+        indent=1))
     bars = bar_chart(table, evals, None, LABELS, "{} mIoU")
     curve = efficiency_plot(table, bars.width)
     png = Image.new("RGB", (max(bars.width, curve.width), bars.height + curve.height), "white")

@@ -56,3 +56,18 @@ def test_no_finished_job_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no finished row"):
         real_study.main(["--table-only", "--work-dir", str(tmp_path), "--results-dir",
                          str(tmp_path / "r")])
+
+
+def test_own_task_diagnostic_in_the_table(tmp_path: Path, monkeypatch) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    for name in real_study.EVALS:
+        fake_job(work, "mdp", 0, name, 30.0)
+    cached = work / "mdp" / "seed0" / "own_task.json"  # what pretrain_eval.py --out wrote
+    cached.write_text(json.dumps({"mIoU": 21.5}))
+    (work / "mdp" / "seed0" / "pretrain0").mkdir()
+    (work / "mdp" / "seed0" / "pretrain0" / "done").write_text("abc1234\n")
+    monkeypatch.setattr(sys, "argv", ["real_study.py"])
+    real_study.main(["--table-only", "--own-task", "--seeds", "1", "--rows", "mdp",
+                     "--work-dir", str(work), "--results-dir", str(results)])
+    assert "| MDP | 21.50 | 21.50 |" in (results / "real_table.md").read_text()
+    assert json.loads((results / "real_table.json").read_text())["own_task"] == {"mdp": {"0": 21.5}}
