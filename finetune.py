@@ -446,10 +446,7 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
                 validate()
             if utils.broadcast_flag(stop.requested, device):
                 checkpoint(out_dir / "last.pth", None)
-                if utils.is_main():
-                    print(f"\nSIGTERM: saved {out_dir / 'last.pth'} at step {step}; continue "
-                          f"with --resume {out_dir / 'last.pth'}")
-                return
+                utils.exit_preempted(out_dir / "last.pth", step, str(out_dir / "last.pth"))
             if step >= args.iters:
                 break
     bar.close()

@@ -406,10 +406,7 @@ def main(argv: list[str] | None = None) -> None:
                 if save_now or preempted:
                     checkpoint()
                 if preempted:
-                    if utils.is_main():
-                        print(f"\nSIGTERM: saved {out_dir / 'last.pth'} at step {step}; "
-                              f"continue with --resume auto")
-                    return utils.cleanup_distributed()
+                    utils.exit_preempted(out_dir / "last.pth", step, "auto")
                 if step >= total:
                     break
     if utils.is_main():

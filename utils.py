@@ -336,6 +336,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
 # SIGTERM
 
 
+# 128 + SIGTERM, the shell's code for "ended by SIGTERM": a scheduler that requeues, or the
+# study runner (scripts/reproduce.py), must not take a pre-empted run for a finished one.
+PREEMPTED_EXIT = 128 + int(signal.SIGTERM)
+
+
 class StopFlag:
     """Set by SIGTERM (cluster pre-emption): the training loop saves a checkpoint and exits."""
 
@@ -345,3 +350,12 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+
+def exit_preempted(last_ckpt: Path, step: int, resume: str) -> NoReturn:
+    """After the SIGTERM checkpoint: says how to continue, ends with exit code PREEMPTED_EXIT."""
+    if is_main():
+        print(f"\nSIGTERM: saved {last_ckpt} at step {step}; continue with --resume {resume}",
+              flush=True)
+    cleanup_distributed()
+    sys.exit(PREEMPTED_EXIT)

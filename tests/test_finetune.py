@@ -86,7 +86,7 @@ def test_sigterm_then_resume_equals_uninterrupted(scratch_run: Path, toy_root: P
         time.sleep(0.2)  # the first step is logged: the SIGTERM handler is in place
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
-    assert proc.returncode == 0, err.decode()[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]  # not "finished"
     stopped = torch.load(tmp_path / "last.pth", weights_only=False)["step"]
     assert 1 <= stopped < 4, "the run finished before SIGTERM arrived"
     # everything else inherited; augmentation is keyed, so the worker count does not matter

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +61,28 @@ def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None
     assert runs["scratch"] == {0: res(30.0), 1: res(32.0)}  # int seeds, values untouched
     assert runs["mdp_voc_ade"] == {0: res(99.0)}
     assert keep_previous_rows(runs, tmp_path / "missing.json", ["voc"]) == []
+
+
+def test_a_preempted_job_is_not_marked_done(tmp_path: Path) -> None:
+    """A job stopped by SIGTERM saves its checkpoint and exits 143; the runner must not write
+    `done` (a session ended mid-job once left a 20-step probe marked done), and reruns it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT))
+    import utils
+    from reproduce import run_once
+
+    calls = []
+
+    def preempted(argv: list[str]) -> None:
+        calls.append(argv)
+        utils.exit_preempted(tmp_path / "last.pth", 3, "auto")
+
+    done = tmp_path / "done"
+    with pytest.raises(SystemExit) as exit_info:
+        run_once(done, preempted, ["--x"])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not done.exists()
+    run_once(done, lambda argv: calls.append(argv), ["--x"])  # the rerun finishes
+    assert done.exists() and len(calls) == 2
+    run_once(done, preempted, ["--x"])  # finished: skipped
+    assert len(calls) == 2
