@@ -5,6 +5,8 @@ fine-tuning with 1/8 and all of the training images, over seeds, on that set's v
     python scripts/real_study.py --data-root DATA                # DATA/camvid: CamVid, 3 seeds
     python scripts/real_study.py --data-root DATA --quick --seeds 1   # a tenth of the budget
     python scripts/real_study.py --data-root DATA --table-only   # the table from finished jobs
+    python scripts/real_study.py --data-root DATA --pretrain-iters 1200 --rows ce mdp --seeds 1 \
+        --evals "linear probe" --own-task --work-dir ~/mdp-runs/real_iters1200   # a diagnostic
 
 Every job is train_pretrain.py or finetune.py called in-process (scripts/reproduce.py's runner), so
 finished jobs are skipped and an interrupted study just continues; run outputs live in --work-dir
@@ -86,10 +88,11 @@ def eval_dir(out: Path, name: str) -> Path:
 
 
 def evaluate_all(ckpt: str | None, seed: int, out: Path, dataset: str, data_root: Path,
-                 scale: int) -> dict[str, dict]:
-    """The row's three evaluations; the 1/8 subset depends on the seed only (same for every row)."""
+                 scale: int, evals: list[str]) -> dict[str, dict]:
+    """The row's evaluations; the 1/8 subset depends on the seed only (same for every row)."""
     results = {}
-    for name, (extra, _, iters) in EVALS.items():
+    for name in evals:
+        extra, _, iters = EVALS[name]
         iters = max(iters // scale, 1)
         ft_dir = eval_dir(out, name)
         argv = FINETUNE + ["--ckpt", ckpt or "none", "--dataset", dataset, "--data-root",
@@ -105,7 +108,8 @@ def efficiency_plot(table: dict, width: int) -> Image.Image:
     """mIoU (mean ± std) against the fraction of labelled images, one line per row (fine-tuning)."""
     colours = [(120, 120, 120), (219, 68, 55), (244, 160, 0), (66, 133, 244), (15, 157, 88),
                (171, 71, 188)]
-    points = [(n, f) for n, (flags, f, _) in EVALS.items() if "--model" not in flags]
+    points = [(n, f) for n, (flags, f, _) in EVALS.items()
+              if "--model" not in flags and any(n in by_eval for by_eval in table.values())]
     left, top, height, plot_w = 60, 30, 260, 360
     img = Image.new("RGB", (max(width, left + plot_w + 260), top + height + 50), "white")
     draw = ImageDraw.Draw(img)
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data", help="the folder that holds --dataset")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--evals", nargs="+", default=list(EVALS), choices=list(EVALS))
+    p.add_argument("--pretrain-iters", type=int, default=PRETRAIN_ITERS,
+                   help="diagnostic only: another pretraining budget (use its own --work-dir; "
+                        "the table goes to real_table_itersN)")
     p.add_argument("--quick", action="store_true", help="a tenth of the budget (smoke test)")
     p.add_argument("--work-dir", default=str(Path.home() / "mdp-runs" / "real"))
     p.add_argument("--results-dir", default=str(ROOT / "results"))
@@ -165,17 +173,27 @@ def main(argv: list[str] | None = None) -> None:
             if args.table_only:
                 runs.setdefault(row, {})[seed] = {
                     n: json.loads((eval_dir(out, n) / "results.json").read_text())
-                    for n in EVALS if (eval_dir(out, n) / "done").exists()}
+                    for n in args.evals if (eval_dir(out, n) / "done").exists()}
                 continue
             stages = [] if ROWS[row] is None else [([args.dataset], ROWS[row])]
+            iters = max(args.pretrain_iters // scale, 1)
+            check_budget(out / "pretrain0", iters)
             t0 = time.time()
-            ckpt = pretrain(stages, seed, out, data_root, max(PRETRAIN_ITERS // scale, 1),
-                            PRETRAIN)
+            ckpt = pretrain(stages, seed, out, data_root, iters, PRETRAIN)
             runs.setdefault(row, {})[seed] = evaluate_all(ckpt, seed, out, args.dataset,
-                                                          data_root, scale)
+                                                          data_root, scale, args.evals)
             print(f"[{row} seed {seed}: {time.time() - t0:.0f} s]", flush=True)
     own = own_task(work, args) if args.own_task else {}
     write_results(runs, args, scale, work, own)
+
+
+def check_budget(stage_dir: Path, iters: int) -> None:
+    """A work dir holds one budget: a pretraining run there with other --iters is refused, not
+    silently reused (finished jobs are skipped by name)."""
+    config = stage_dir / "config.json"
+    if config.exists() and json.loads(config.read_text())["iters"] != iters:
+        raise SystemExit(f"error: {config} pretrained for {json.loads(config.read_text())['iters']}"
+                         f" steps, this study asks for {iters}: use another --work-dir")
 
 
 def own_task(work: Path, args: argparse.Namespace) -> dict[str, dict[int, float]]:
@@ -201,7 +219,7 @@ def own_task(work: Path, args: argparse.Namespace) -> dict[str, dict[int, float]
 def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
                   own: dict[str, dict[int, float]] | None = None) -> None:
     """Rows x evaluations, mean ± std over the seeds finished so far (n per cell in the json)."""
-    evals = list(EVALS)
+    evals = args.evals
     runs = {r: {s: res for s, res in by_seed.items() if all(n in res for n in evals)}
             for r, by_seed in runs.items()}
     runs = {r: by_seed for r, by_seed in runs.items() if by_seed}
@@ -217,8 +235,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
               f"(pretraining and fine-tuning) and val (mIoU, %), seeds {seeds} (mean ± std over "
               f"seeds; each seed = its own pretraining, fine-tuning and 1/8 subset, the same for "
               f"every row). Protocol: {ARCH} at output stride {OUTPUT_STRIDE}, crops 96×128 of "
-              f"the half-resolution images, batch 8; pretraining {PRETRAIN_ITERS // scale} steps "
-              f"(AdamW 1e-3, cosine, bank 64), fine-tuning DeepLabV3 {FINETUNE_ITERS // scale} "
+              f"the half-resolution images, batch 8; pretraining "
+              f"{args.pretrain_iters // scale} steps (AdamW 1e-3, cosine, bank 64), fine-tuning DeepLabV3 {FINETUNE_ITERS // scale} "
               f"steps (SGD 0.01, poly), linear probe {PROBE_ITERS // scale} steps (SGD 0.1, "
               f"frozen backbone and BN statistics). {len(marks)} jobs, the last finished "
               f"{(marks[-1] - marks[0]) / 60:.0f} min after the first ({os.cpu_count()} CPU "
@@ -226,7 +244,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
               f"also pretrained on all of the training labels.")
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    name = "real_table_quick" if args.quick else "real_table"
+    name = "real_table" + ("" if args.pretrain_iters == PRETRAIN_ITERS else
+                           f"_iters{args.pretrain_iters}") + ("_quick" if args.quick else "")
     text = write_markdown(table, evals, results / f"{name}.md", header, LABELS, "{} mIoU")
     checks = check_claims(table, evals, CLAIMS)
     text += "\n" + claims_markdown(checks, "real")
@@ -247,11 +266,12 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
     (results / f"{name}.json").write_text(json.dumps(
         {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {}},
         indent=1))
-    bars = bar_chart(table, evals, None, LABELS, "{} mIoU")
-    curve = efficiency_plot(table, bars.width)
-    png = Image.new("RGB", (max(bars.width, curve.width), bars.height + curve.height), "white")
-    png.paste(bars, (0, 0))
-    png.paste(curve, (0, bars.height))
+    parts = [bar_chart(table, evals, None, LABELS, "{} mIoU")]
+    if any("--model" not in EVALS[n][0] for n in evals):  # a fine-tuning column: the curve
+        parts.append(efficiency_plot(table, parts[0].width))
+    png = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    for k, part in enumerate(parts):
+        png.paste(part, (0, sum(p.height for p in parts[:k])))
     png.save(results / f"{name}.png")
 
 

@@ -71,3 +71,27 @@ def test_own_task_diagnostic_in_the_table(tmp_path: Path, monkeypatch) -> None:
                      "--work-dir", str(work), "--results-dir", str(results)])
     assert "| MDP | 21.50 | 21.50 |" in (results / "real_table.md").read_text()
     assert json.loads((results / "real_table.json").read_text())["own_task"] == {"mdp": {"0": 21.5}}
+
+
+def test_probe_only_diagnostic_at_another_budget(tmp_path: Path, monkeypatch) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    for row, v in (("ce", 31.0), ("mdp", 27.0)):
+        fake_job(work, row, 0, "linear probe", v)
+    monkeypatch.setattr(sys, "argv", ["real_study.py"])
+    real_study.main(["--table-only", "--seeds", "1", "--rows", "ce", "mdp", "--evals",
+                     "linear probe", "--pretrain-iters", "1200", "--work-dir", str(work),
+                     "--results-dir", str(results)])
+    text = (results / "real_table_iters1200.md").read_text()
+    assert "pretraining 1200 steps" in text and "| MDP | 27.00 |" in text
+    assert "fine-tune" not in text.split("| pretraining |")[1].splitlines()[0]  # probe column only
+    assert not (results / "real_table.md").exists()  # the main table is left alone
+
+
+def test_a_work_dir_holds_one_budget(tmp_path: Path) -> None:
+    stage = tmp_path / "pretrain0"
+    stage.mkdir()
+    (stage / "config.json").write_text(json.dumps({"iters": 300}))
+    real_study.check_budget(stage, 300)  # same budget: resumed / skipped as usual
+    real_study.check_budget(tmp_path / "fresh", 1200)  # nothing there yet
+    with pytest.raises(SystemExit, match="pretrained for 300 steps, this study asks for 1200"):
+        real_study.check_budget(stage, 1200)
