@@ -284,17 +284,20 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     name = "toy_table_quick" if args.quick else "toy_table"
-    kept = keep_previous_rows(runs, results / f"{name}.json", args.targets)
+    previous = results / f"{name}.json"
+    made = json.loads(previous.read_text())["header"].split(";")[0] if previous.is_file() else ""
+    kept = keep_previous_rows(runs, previous, args.targets)
     table = summarise(runs, args.targets)
-    command = "python scripts/reproduce.py" + (" --quick" if args.quick else "")
+    command = "python scripts/reproduce.py" + (" --quick" if args.quick else "") + (
+        "" if args.rows == list(ROWS) else " --rows " + " ".join(args.rows))
     # wall clock from the jobs' own marks, so a rerun that only rebuilds the table reports it too
     marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
     header = (f"Toy reproduction: `{command}` at commit {git_commit()}, {seeds} seed(s); "
               f"pretraining {p_iters} steps, fine-tuning {f_iters} steps, {ARCH}; {len(marks)} "
               f"jobs, the last finished {(marks[-1] - marks[0]) / 60:.0f} min after the first "
               f"({os.cpu_count()} CPU cores)."
-              + (f" Rows {', '.join(kept)}: not rerun, kept from the previous {name}.json."
-                 if kept else ""))
+              + (f" Rows {', '.join(kept)}: not rerun, kept from the previous {name}.json "
+                 f"({made})." if kept else ""))
     checks = check_claims(table, args.targets)
     text = write_markdown(table, args.targets, results / f"{name}.md", header)
     if checks:

@@ -41,6 +41,16 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
     # resumable: a second call finds every job done and runs nothing
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "$ " not in again.stdout
+    # one row rerun (skipped): the others are kept, and the header says from which table
+    one = cmd[:cmd.index("--rows") + 1] + ["scratch"] + cmd[cmd.index("--targets"):]
+    kept = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert kept.returncode == 0 and "$ " not in kept.stdout, kept.stderr[-3000:]
+    header = json.loads((tmp_path / "results" / "toy_table_quick.json").read_text())["header"]
+    assert header.startswith("Toy reproduction: `python scripts/reproduce.py --quick --rows "
+                             "scratch` at commit")
+    assert ("Rows sequential, mdp_voc_ade: not rerun, kept from the previous "
+            "toy_table_quick.json (Toy reproduction: `python scripts/reproduce.py --quick --rows "
+            "scratch sequential mdp_voc_ade` at commit") in header
 
 
 def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None:
