@@ -45,12 +45,17 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
     one = cmd[:cmd.index("--rows") + 1] + ["scratch"] + cmd[cmd.index("--targets"):]
     kept = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert kept.returncode == 0 and "$ " not in kept.stdout, kept.stderr[-3000:]
-    header = json.loads((tmp_path / "results" / "toy_table_quick.json").read_text())["header"]
-    assert header.startswith("Toy reproduction: `python scripts/reproduce.py --quick --rows "
-                             "scratch` at commit")
+    first = json.loads((tmp_path / "results" / "toy_table_quick.json").read_text())
+    assert first["header"].startswith("Toy reproduction: `python scripts/reproduce.py --quick "
+                                      "--rows scratch` at commit")
     assert ("Rows sequential, mdp_voc_ade: not rerun, kept from the previous "
-            "toy_table_quick.json (Toy reproduction: `python scripts/reproduce.py --quick --rows "
-            "scratch sequential mdp_voc_ade` at commit") in header
+            "toy_table_quick.json (`python scripts/reproduce.py --quick --rows scratch sequential "
+            "mdp_voc_ade` at commit") in first["header"]
+    # rebuilt again: the kept rows still name the call that ran them, not the last rebuild
+    subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+    second = json.loads((tmp_path / "results" / "toy_table_quick.json").read_text())
+    assert second["made"]["sequential"] == first["made"]["sequential"] != second["made"]["scratch"]
+    assert "--rows scratch sequential mdp_voc_ade` at commit" in second["header"]
 
 
 def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None:
