@@ -104,12 +104,15 @@ def evaluate_all(ckpt: str | None, seed: int, out: Path, dataset: str, data_root
     return results
 
 
-def efficiency_plot(table: dict, width: int) -> Image.Image:
-    """mIoU (mean ± std) against the fraction of labelled images, one line per row (fine-tuning)."""
+def efficiency_plot(table: dict, width: int) -> Image.Image | None:
+    """mIoU (mean ± std) against the fraction of labelled images, one line per row (fine-tuning);
+    None when the table has no fine-tuning column."""
     colours = [(120, 120, 120), (219, 68, 55), (244, 160, 0), (66, 133, 244), (15, 157, 88),
                (171, 71, 188)]
     points = [(n, f) for n, (flags, f, _) in EVALS.items()
               if "--model" not in flags and any(n in by_eval for by_eval in table.values())]
+    if not points:
+        return None
     left, top, height, plot_w = 60, 30, 260, 360
     img = Image.new("RGB", (max(width, left + plot_w + 260), top + height + 50), "white")
     draw = ImageDraw.Draw(img)
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     scale = 10 if args.quick else 1
     data_root, work = Path(args.data_root), Path(args.work_dir)
+    iters = max(args.pretrain_iters // scale, 1)
     if (not args.table_only and args.dataset.startswith("folder:")
             and not (data_root / args.dataset.removeprefix("folder:")).exists()):
         raise SystemExit(f"error: {data_root / args.dataset[7:]} not found (--data-root, --dataset)")
@@ -176,7 +180,6 @@ def main(argv: list[str] | None = None) -> None:
                     for n in args.evals if (eval_dir(out, n) / "done").exists()}
                 continue
             stages = [] if ROWS[row] is None else [([args.dataset], ROWS[row])]
-            iters = max(args.pretrain_iters // scale, 1)
             check_budget(out / "pretrain0", iters)
             t0 = time.time()
             ckpt = pretrain(stages, seed, out, data_root, iters, PRETRAIN)
@@ -191,9 +194,10 @@ def check_budget(stage_dir: Path, iters: int) -> None:
     """A work dir holds one budget: a pretraining run there with other --iters is refused, not
     silently reused (finished jobs are skipped by name)."""
     config = stage_dir / "config.json"
-    if config.exists() and json.loads(config.read_text())["iters"] != iters:
-        raise SystemExit(f"error: {config} pretrained for {json.loads(config.read_text())['iters']}"
-                         f" steps, this study asks for {iters}: use another --work-dir")
+    done = json.loads(config.read_text())["iters"] if config.exists() else iters
+    if done != iters:
+        raise SystemExit(f"error: {config} pretrained for {done} steps, this study asks for "
+                         f"{iters}: use another --work-dir")
 
 
 def own_task(work: Path, args: argparse.Namespace) -> dict[str, dict[int, float]]:
@@ -235,10 +239,11 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
               f"(pretraining and fine-tuning) and val (mIoU, %), seeds {seeds} (mean ± std over "
               f"seeds; each seed = its own pretraining, fine-tuning and 1/8 subset, the same for "
               f"every row). Protocol: {ARCH} at output stride {OUTPUT_STRIDE}, crops 96×128 of "
-              f"the half-resolution images, batch 8; pretraining "
-              f"{args.pretrain_iters // scale} steps (AdamW 1e-3, cosine, bank 64), fine-tuning DeepLabV3 {FINETUNE_ITERS // scale} "
-              f"steps (SGD 0.01, poly), linear probe {PROBE_ITERS // scale} steps (SGD 0.1, "
-              f"frozen backbone and BN statistics). {len(marks)} jobs, the last finished "
+              f"the half-resolution images, batch 8; pretraining {args.pretrain_iters // scale} "
+              f"steps (AdamW 1e-3, cosine, bank 64), fine-tuning DeepLabV3 "
+              f"{FINETUNE_ITERS // scale} steps (SGD 0.01, poly), linear probe "
+              f"{PROBE_ITERS // scale} steps (SGD 0.1, frozen backbone and BN statistics). "
+              f"{len(marks)} jobs, the last finished "
               f"{(marks[-1] - marks[0]) / 60:.0f} min after the first ({os.cpu_count()} CPU "
               f"cores). The random-weights row saw only the fine-tuning labels; every other row "
               f"also pretrained on all of the training labels.")
@@ -266,9 +271,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
     (results / f"{name}.json").write_text(json.dumps(
         {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {}},
         indent=1))
-    parts = [bar_chart(table, evals, None, LABELS, "{} mIoU")]
-    if any("--model" not in EVALS[n][0] for n in evals):  # a fine-tuning column: the curve
-        parts.append(efficiency_plot(table, parts[0].width))
+    bars = bar_chart(table, evals, None, LABELS, "{} mIoU")
+    parts = [p for p in (bars, efficiency_plot(table, bars.width)) if p is not None]
     png = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
     for k, part in enumerate(parts):
         png.paste(part, (0, sum(p.height for p in parts[:k])))

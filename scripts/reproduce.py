@@ -157,13 +157,16 @@ def finetune_all(ckpt: str | None, seed: int, out: Path, data_root: Path, iters:
     return results
 
 
-def keep_previous_rows(runs: dict, path: Path, targets: list[str]) -> list[str]:
+def keep_previous_rows(runs: dict, path: Path, targets: list[str]) -> dict[str, str]:
     """Adds to `runs` the rows of a previous results json that this call did not run (so a new row
-    joins the committed table without rerunning the rest); returns their names. Rows are put in
-    ROWS order."""
+    joins the committed table without rerunning the rest); returns kept row -> what made it (the
+    json's `made`; for a json written before `made` existed, its header's first clause). Rows are
+    put in ROWS order."""
     if not path.is_file():
-        return []
-    prev = json.loads(path.read_text()).get("runs", {})
+        return {}
+    data = json.loads(path.read_text())
+    prev = data.get("runs", {})
+    made = data.get("made") or {r: data.get("header", "").split(";")[0] for r in prev}
     kept = [r for r in prev if r not in runs and r in ROWS
             and all(t in res for res in prev[r].values() for t in targets)]
     for r in kept:
@@ -171,7 +174,7 @@ def keep_previous_rows(runs: dict, path: Path, targets: list[str]) -> list[str]:
     order = {r: i for i, r in enumerate(ROWS)}
     for r in sorted(runs, key=order.__getitem__):
         runs[r] = runs.pop(r)  # re-insert in ROWS order
-    return kept
+    return {r: made[r] for r in kept}
 
 
 def summarise(runs: dict[str, dict[int, dict[str, dict]]], targets: list[str]) -> dict:
@@ -289,27 +292,22 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     name = "toy_table_quick" if args.quick else "toy_table"
-    previous = results / f"{name}.json"
-    kept = keep_previous_rows(runs, previous, args.targets)
+    kept = keep_previous_rows(runs, results / f"{name}.json", args.targets)  # row -> its maker
     table = summarise(runs, args.targets)
     command = "python scripts/reproduce.py" + (" --quick" if args.quick else "") + (
         "" if args.rows == list(ROWS) else " --rows " + " ".join(args.rows))
     # where each row came from: this call, or (kept rows) whatever made them, carried over
     made_now = (f"`{command}` at commit {git_commit()}, jobs run at {job_commits(work)}, "
                 f"{seeds} seed(s)")
-    made = {r: made_now for r in args.rows}
-    if kept:
-        prev = json.loads(previous.read_text())
-        old = prev.get("made") or {r: prev["header"].split(";")[0] for r in prev["runs"]}
-        made.update({r: old[r] for r in kept})
+    made = {r: made_now for r in args.rows} | kept
     # wall clock from the jobs' own marks, so a rerun that only rebuilds the table reports it too
     marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
     header = (f"Toy reproduction: {made_now}; pretraining {p_iters} steps, fine-tuning {f_iters} "
               f"steps, {ARCH}; {len(marks)} jobs, the last finished "
               f"{(marks[-1] - marks[0]) / 60:.0f} min after the first ({os.cpu_count()} CPU "
               f"cores).")
-    for source in dict.fromkeys(made[r] for r in kept):
-        rows = ", ".join(r for r in kept if made[r] == source)
+    for source in dict.fromkeys(kept.values()):
+        rows = ", ".join(r for r, maker in kept.items() if maker == source)
         header += f" Rows {rows}: not rerun, kept from the previous {name}.json ({source})."
     checks = check_claims(table, args.targets)
     text = write_markdown(table, args.targets, results / f"{name}.md", header)

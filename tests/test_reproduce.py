@@ -63,7 +63,8 @@ def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None
     from reproduce import keep_previous_rows
 
     res = lambda v: {"cityscapes": {"mIoU": v}, "voc": {"mIoU": v + 1}}  # noqa: E731
-    prev = {"runs": {"scratch": {"0": res(30.0), "1": res(32.0)},
+    prev = {"header": "Toy reproduction: `old command` at commit abc; pretraining ...",
+            "runs": {"scratch": {"0": res(30.0), "1": res(32.0)},
                      "mdp_voc_ade": {"0": res(35.0)},
                      "ce": {"0": {"voc": {"mIoU": 1.0}}},  # lacks a target: not kept
                      "gone_row": {"0": res(1.0)}}}  # no longer in ROWS: not kept
@@ -71,11 +72,13 @@ def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None
     path.write_text(json.dumps(prev))
     runs = {"mdp_label_map": {0: res(40.0)}, "mdp_voc_ade": {0: res(99.0)}}  # rerun wins
     kept = keep_previous_rows(runs, path, ["cityscapes", "voc"])
-    assert kept == ["scratch"]
+    assert list(kept) == ["scratch"]
+    # a json from before `made` existed: the kept row is credited to its header's first clause
+    assert kept["scratch"] == "Toy reproduction: `old command` at commit abc"
     assert list(runs) == ["scratch", "mdp_voc_ade", "mdp_label_map"]  # ROWS order
     assert runs["scratch"] == {0: res(30.0), 1: res(32.0)}  # int seeds, values untouched
     assert runs["mdp_voc_ade"] == {0: res(99.0)}
-    assert keep_previous_rows(runs, tmp_path / "missing.json", ["voc"]) == []
+    assert keep_previous_rows(runs, tmp_path / "missing.json", ["voc"]) == {}
 
 
 def test_a_preempted_job_is_not_marked_done(tmp_path: Path) -> None:
