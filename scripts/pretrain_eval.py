@@ -8,6 +8,10 @@ A pretraining that scores well here but gives features no better than random one
 learned its task without learning transferable features; one that scores badly here has not
 learned its task. pix2pix checkpoints have neither prototypes nor classifier: not applicable.
 Prints the mIoU and writes it to --out (JSON) when given; whole-image inference at --base-size.
+
+`--stats` adds measures of representation collapse on the val pixels: the effective rank of the
+backbone features and of the unit embeddings (how many directions they really use), and for MDP
+the mean and largest cosine between two prototypes (near 1: the classes share one direction).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
 from datasets import LabelSpace, MultiDataset, build_reader, eval_transform  # noqa: E402
 from evaluation import evaluate  # noqa: E402
+from losses import downsample_labels  # noqa: E402
 from mdp import MDPNet  # noqa: E402
 
 
@@ -70,6 +75,63 @@ def own_task_classifier(state: dict, dataset: str) -> tuple[OwnTaskClassifier, s
     return OwnTaskClassifier(model, classes, bank["prototypes"], bank["count"] > 0), method
 
 
+def effective_rank(x: torch.Tensor) -> float:
+    """Effective rank (Roy & Vetterli, 2007) of the rows of x (N, F) about their mean:
+    exp(entropy of the singular values normalised to sum 1). k equal directions give k; 1 for
+    points on a line; 0 when all rows are equal."""
+    s = torch.linalg.svdvals((x - x.mean(0)).double())  # (min(N, F),)
+    if s.sum() == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.clamp(min=1e-300).log()).sum()))
+
+
+def prototype_cosines(prototypes: torch.Tensor, filled: torch.Tensor) -> tuple[float, float]:
+    """(mean, max) cosine between two different filled prototypes, (C, D) unit rows."""
+    p = prototypes[filled]  # (C', D)
+    if len(p) < 2:
+        raise ValueError("fewer than two filled prototypes: no pair to compare")
+    cos = p @ p.t()  # (C', C')
+    off = cos[~torch.eye(len(p), dtype=torch.bool)]
+    return float(off.mean()), float(off.max())
+
+
+def class_mean_lengths(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per class, the length of the mean of its pixels' unit embeddings z (N, D) (labels (N,),
+    negative = ignore): 1 when they all coincide, near 0 when spread over the sphere, where the
+    normalised mean (an M3 prototype) is mostly noise. NaN for a class without pixels. (K,)"""
+    keep = labels >= 0
+    sums = z.new_zeros(num_classes, z.shape[1]).index_add_(0, labels[keep], z[keep])  # (K, D)
+    counts = torch.bincount(labels[keep], minlength=num_classes).to(z.dtype)  # (K,)
+    return (sums / counts[:, None]).norm(dim=1)  # 0 / 0 = NaN for an absent class
+
+
+@torch.no_grad()
+def embedding_stats(classifier: OwnTaskClassifier, dataset, num_classes: int,
+                    max_images: int = 50) -> dict:
+    """Collapse measures over the feature-resolution pixels of up to max_images images (evenly
+    spaced): effective rank of the backbone features and of the unit embeddings (for ce, its head
+    output normalised the same way), the classes' mean resultant length (mean over classes), and
+    the prototypes' cosines (MDP only)."""
+    model = classifier.model.eval()
+    feats, embs, labs = [], [], []
+    for i in range(0, len(dataset), max(1, -(-len(dataset) // max_images))):
+        image, label, _ = dataset[i]
+        f = model.forward_features(image[None])  # (1, 2048, h, w)
+        z = F.normalize(model.head(f).float(), dim=1)  # (1, D, h, w)
+        feats.append(f[0].flatten(1).t())  # (h*w, 2048)
+        embs.append(z[0].flatten(1).t())  # (h*w, D)
+        labs.append(downsample_labels(label[None], tuple(z.shape[-2:])).flatten())  # (h*w,)
+    z, labels = torch.cat(embs), torch.cat(labs)
+    out = {"backbone_effective_rank": effective_rank(torch.cat(feats)),
+           "embedding_effective_rank": effective_rank(z),
+           "class_mean_length": float(class_mean_lengths(z, labels, num_classes).nanmean())}
+    if classifier.prototypes is not None:
+        out["prototype_cos_mean"], out["prototype_cos_max"] = prototype_cosines(
+            classifier.prototypes[classifier.classes], classifier.filled[classifier.classes])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = utils.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="a train_pretrain.py checkpoint")
@@ -77,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--base-size", nargs=2, type=int, default=[2048, 512], metavar=("W", "H"))
     p.add_argument("--out", type=Path, help="write {'mIoU': ..., 'IoU': {...}} here")
+    p.add_argument("--stats", action="store_true",
+                   help="also the collapse measures (effective ranks, prototype cosines)")
     args = p.parse_args(argv)
     state = utils.load_checkpoint(args.ckpt, required=("model", "args", "label_space"))
     if state.get("task") != "pretrain":
@@ -89,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     iou = {n: None if v != v else 100 * v for n, v in zip(reader.classes, m["iou"].tolist())}
     res = {"ckpt": str(args.ckpt), "method": method, "mIoU": 100 * m["miou"], "IoU": iou}
     print(f"{method} checkpoint on its own task, {args.dataset} val: mIoU {res['mIoU']:.2f}")
+    if args.stats:
+        res["stats"] = embedding_stats(classifier, val, len(reader.classes))
+        print("  " + ", ".join(f"{k} {v:.3f}" for k, v in res["stats"].items()))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from pretrain_eval import OwnTaskClassifier, own_task_classifier  # noqa: E402
+from pretrain_eval import (OwnTaskClassifier, class_mean_lengths, effective_rank,  # noqa: E402
+                           own_task_classifier, prototype_cosines)
 
 from datasets import LabelSpace  # noqa: E402
 from mdp import MDPNet  # noqa: E402
@@ -73,3 +74,37 @@ def test_checkpoint_slices_its_own_dataset_and_refuses_pix2pix() -> None:
         own_task_classifier(state, "c")
     with pytest.raises(ValueError, match="pix2pix"):
         own_task_classifier({**state, "args": {**args, "method": "pix2pix"}}, "a")
+
+
+def test_effective_rank_hand_worked_cases() -> None:
+    # k orthogonal directions of equal spread about the mean: k equal singular values -> exactly k
+    e = torch.eye(5)
+    for k in (1, 2, 4):
+        x = torch.cat([e[:k], -e[:k]]) * 3 + 7  # (2k, 5): +-3 along k axes, shifted by 7
+        assert effective_rank(x) == pytest.approx(k, rel=1e-9)
+    # singular values (2, 1): p = (2/3, 1/3), exp(entropy) by hand
+    x = torch.tensor([[2.0, 0], [-2, 0], [0, 1], [0, -1]]) / 2 ** 0.5
+    p = torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
+    assert effective_rank(x) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-9)
+    assert effective_rank(torch.ones(6, 3)) == 0.0  # every row the same: nothing spread
+
+
+def test_prototype_cosines_skip_unfilled_and_the_diagonal() -> None:
+    s = 0.5 ** 0.5
+    protos = torch.tensor([[1.0, 0], [s, s], [0, 0], [0, 1.0]])  # row 2 unfilled (zero)
+    filled = torch.tensor([True, True, False, True])
+    mean, top = prototype_cosines(protos, filled)
+    assert mean == pytest.approx((s + 0 + s) / 3) and top == pytest.approx(s)
+    with pytest.raises(ValueError, match="fewer than two"):
+        prototype_cosines(protos, torch.tensor([True, False, False, False]))
+
+
+def test_class_mean_lengths_by_hand() -> None:
+    s = 0.5 ** 0.5
+    z = torch.tensor([[1.0, 0], [1, 0],  # class 0: identical -> 1
+                      [1, 0], [-1, 0],  # class 1: opposite -> 0
+                      [1, 0], [0, 1],  # class 2: 90 degrees apart -> |(1/2, 1/2)| = s
+                      [0, 1]])  # ignored
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, -1])
+    got = class_mean_lengths(z, labels, num_classes=4)  # class 3 has no pixel: NaN
+    assert got[:3].tolist() == pytest.approx([1.0, 0.0, s]) and torch.isnan(got[3])
