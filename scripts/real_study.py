@@ -233,6 +233,12 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
     marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
     argv = [a for a in sys.argv[1:] if a != "--table-only"]  # the command that ran the jobs
+    evaluations = "".join(  # only the evaluations this table has
+        text for wanted, text in (
+            (any(n.startswith("fine-tune") for n in evals),
+             f", fine-tuning DeepLabV3 {FINETUNE_ITERS // scale} steps (SGD 0.01, poly)"),
+            ("linear probe" in evals, f", linear probe {PROBE_ITERS // scale} steps (SGD 0.1, "
+                                      f"frozen backbone and BN statistics)")) if wanted)
     command = shlex.join(["python", "scripts/real_study.py", *argv])
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
               f"{job_commits(work)}; {args.dataset} train "
@@ -240,9 +246,7 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
               f"seeds; each seed = its own pretraining, fine-tuning and 1/8 subset, the same for "
               f"every row). Protocol: {ARCH} at output stride {OUTPUT_STRIDE}, crops 96×128 of "
               f"the half-resolution images, batch 8; pretraining {args.pretrain_iters // scale} "
-              f"steps (AdamW 1e-3, cosine, bank 64), fine-tuning DeepLabV3 "
-              f"{FINETUNE_ITERS // scale} steps (SGD 0.01, poly), linear probe "
-              f"{PROBE_ITERS // scale} steps (SGD 0.1, frozen backbone and BN statistics). "
+              f"steps (AdamW 1e-3, cosine, bank 64){evaluations}. "
               f"{len(marks)} jobs, the last finished "
               f"{(marks[-1] - marks[0]) / 60:.0f} min after the first ({os.cpu_count()} CPU "
               f"cores). The random-weights row saw only the fine-tuning labels; every other row "

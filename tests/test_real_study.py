@@ -48,6 +48,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
     assert probe["verdict"] == "holds"
     text = (results / "real_table.md").read_text()
     assert "abc1234 (16 jobs)" in text and "--table-only" not in text
+    assert "fine-tuning DeepLabV3 120 steps" in text and "linear probe 200 steps" in text
     assert "| MDP | 42.00 ± 2.00 | 32.00 ± 2.00 | 51.00 ± 1.00 |" in text
     assert (results / "real_table.png").stat().st_size > 1000
 
@@ -84,6 +85,8 @@ def test_probe_only_diagnostic_at_another_budget(tmp_path: Path, monkeypatch) ->
     text = (results / "real_table_iters1200.md").read_text()
     assert "pretraining 1200 steps" in text and "| MDP | 27.00 |" in text
     assert "fine-tune" not in text.split("| pretraining |")[1].splitlines()[0]  # probe column only
+    header = text.split("| pretraining |")[0]  # the protocol names only the evaluations run
+    assert "linear probe 200 steps" in header and "fine-tuning DeepLabV3" not in header
     assert not (results / "real_table.md").exists()  # the main table is left alone
 
 
