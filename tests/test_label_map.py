@@ -115,9 +115,8 @@ def test_empty_or_missing_file(tmp_path: Path) -> None:
         read_label_map(tmp_path / "nowhere.txt", NAMES, CLASSES)
 
 
-def test_toy_study_map_parses_and_pretrain_eval_refuses_a_mapped_checkpoint(tmp_path: Path) -> None:
+def test_toy_study_map_parses(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
-    from pretrain_eval import own_task_classifier
     from reproduce import ROWS
 
     toy_map = ROOT / "scripts" / "toy_label_map.txt"
@@ -125,9 +124,40 @@ def test_toy_study_map_parses_and_pretrain_eval_refuses_a_mapped_checkpoint(tmp_
     space = LabelSpace(["voc", "ade20k"], [VOC_CLASSES, ADE20K_CLASSES],
                        read_label_map(toy_map, ["voc", "ade20k"], [VOC_CLASSES, ADE20K_CLASSES]))
     assert "voc:person=ade20k:person" in space.class_names and space.num_classes == 152
-    state = {"args": {"datasets": ["voc", "ade20k"], "method": "mdp"}, "label_space": space.state_dict()}
-    with pytest.raises(ValueError, match="--label-map"):
-        own_task_classifier(state, "voc")
+
+
+def test_pretrain_eval_own_task_with_merged_and_dropped_classes(tmp_path: Path) -> None:
+    """A --label-map checkpoint on its own task: each of the dataset's classes is scored by the
+    prototype of its merged class; a dropped class is never predicted (checked per pixel)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pretrain_eval import own_task_classifier
+    from mdp import MDPNet
+
+    f = tmp_path / "map.txt"
+    f.write_text("b:person = a:person\nb:dog = ignore\n")
+    space = LabelSpace(NAMES, CLASSES, read_label_map(f, NAMES, CLASSES))
+    gid = {n: k for k, n in enumerate(space.class_names)}
+    torch.manual_seed(0)
+    model = MDPNet("resnet14", 16, 8).eval()
+    protos = F.normalize(torch.randn(space.num_classes, 8), dim=1)
+    count = torch.ones(space.num_classes, dtype=torch.long)
+    count[gid["b:car"]] = 0  # never filled
+    state = {"args": {"datasets": NAMES, "method": "mdp", "arch": "resnet14", "output_stride": 16,
+                      "embed_dim": 8}, "label_space": space.state_dict(),
+             "model": model.state_dict(), "bank": {"prototypes": protos, "count": count}}
+    clf, _ = own_task_classifier(state, "b")  # b: wall, person (merged into a's), dog (dropped), car
+    wall, person = gid["b:wall"], gid["a:person=b:person"]
+    assert clf.classes.tolist() == [wall, person, IGNORE, gid["b:car"]]
+    x = torch.randn(1, 3, 32, 32)
+    z = model(x)[0]  # (D, 2, 2)
+    pred = clf.eval()(x)["out"]
+    assert torch.isfinite(pred).all()
+    scores = F.interpolate(torch.einsum("dhw,cd->chw", z, protos)[None], size=(32, 32),
+                           mode="bilinear", align_corners=False)[0]  # (C, 32, 32)
+    for i in range(32):
+        for j in range(32):  # naive: the better of b's two classes that can be chosen
+            best = 0 if scores[wall, i, j] >= scores[person, i, j] else 1
+            assert pred[0, :, i, j].argmax().item() == best
 
 
 # ------------------------------------------------------------------- losses with merged classes

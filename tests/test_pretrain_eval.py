@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from pretrain_eval import (OwnTaskClassifier, class_mean_lengths, effective_rank,  # noqa: E402
-                           own_task_classifier, prototype_cosines)
+from pretrain_eval import (OwnTaskClassifier, class_means, effective_rank,  # noqa: E402
+                           own_task_classifier, pixel_probe, prototype_cosines)
 
 from datasets import LabelSpace  # noqa: E402
 from mdp import MDPNet  # noqa: E402
@@ -36,7 +36,7 @@ def test_nearest_filled_prototype_of_the_dataset_per_pixel() -> None:
     z = F.normalize(torch.randn(B, D, h, w, generator=g), dim=1)
     protos = F.normalize(torch.randn(C, D, generator=g), dim=1)
     filled = torch.tensor([True, True, False, True, True, False, True])
-    classes = slice(2, 6)  # dataset d owns global ids 2..5; 2 and 5 are unfilled
+    classes = torch.arange(2, 6)  # dataset d owns global ids 2..5; 2 and 5 are unfilled
     clf = OwnTaskClassifier(Fixed(z), classes, protos, filled)
     x = torch.zeros(B, 3, h, w)  # same size as the features: the upsampling is the identity
     pred = clf(x)["out"].argmax(1)  # (B, h, w) local ids 0..3
@@ -44,13 +44,13 @@ def test_nearest_filled_prototype_of_the_dataset_per_pixel() -> None:
         for i in range(h):
             for j in range(w):
                 best, best_c = None, None
-                for c in range(classes.start, classes.stop):
+                for c in range(2, 6):
                     if not filled[c]:
                         continue
                     s = float(z[b, :, i, j] @ protos[c])
                     if best is None or s > best:
                         best, best_c = s, c
-                assert pred[b, i, j].item() == best_c - classes.start
+                assert pred[b, i, j].item() == best_c - 2
     # upsampled to a larger input: still finite scores (no -inf * 0 = NaN), never an unfilled class
     out = clf(torch.zeros(B, 3, 2 * h + 1, 2 * w + 1))["out"]
     assert torch.isfinite(out).all()
@@ -65,7 +65,7 @@ def test_checkpoint_slices_its_own_dataset_and_refuses_pix2pix() -> None:
             "embed_dim": 8}
     state = {"args": args, "label_space": space.state_dict(), "model": model.state_dict()}
     clf, method = own_task_classifier(state, "b")
-    assert method == "ce" and clf.classes == slice(2, 5)
+    assert method == "ce" and clf.classes.tolist() == [2, 3, 4]
     x = torch.randn(1, 3, 32, 32)
     model.eval(), clf.eval()
     want = F.interpolate(model(x)[:, 2:5], size=(32, 32), mode="bilinear", align_corners=False)
@@ -99,12 +99,28 @@ def test_prototype_cosines_skip_unfilled_and_the_diagonal() -> None:
         prototype_cosines(protos, torch.tensor([True, False, False, False]))
 
 
-def test_class_mean_lengths_by_hand() -> None:
+def test_class_means_and_their_lengths_by_hand() -> None:
     s = 0.5 ** 0.5
-    z = torch.tensor([[1.0, 0], [1, 0],  # class 0: identical -> 1
+    z = torch.tensor([[1.0, 0], [1, 0],  # class 0: identical -> length 1
                       [1, 0], [-1, 0],  # class 1: opposite -> 0
-                      [1, 0], [0, 1],  # class 2: 90 degrees apart -> |(1/2, 1/2)| = s
+                      [1, 0], [0, 1],  # class 2: 90 degrees apart -> (1/2, 1/2), length s
                       [0, 1]])  # ignored
     labels = torch.tensor([0, 0, 1, 1, 2, 2, -1])
-    got = class_mean_lengths(z, labels, num_classes=4)  # class 3 has no pixel: NaN
-    assert got[:3].tolist() == pytest.approx([1.0, 0.0, s]) and torch.isnan(got[3])
+    got = class_means(z, labels, num_classes=4)  # class 3 has no pixel: NaN
+    assert got[:3].tolist() == [[1.0, 0.0], [0.0, 0.0], [0.5, 0.5]] and got[3].isnan().all()
+    assert got[:3].norm(dim=1).tolist() == pytest.approx([1.0, 0.0, s])
+
+
+def test_pixel_probe_hand_worked() -> None:
+    # 1-D, two classes split at 0 by the training pixels; val: -1.5 -> 0 (right), 1.5 -> 1
+    # (right), 3 -> 1 (labelled 0: wrong). Class 0: TP 1, FN 1 -> IoU 1/2; class 1: TP 1, FP 1
+    x_train, y_train = torch.tensor([[-2.0], [-1], [1], [2]]), torch.tensor([0, 0, 1, 1])
+    x_val, y_val = torch.tensor([[-1.5], [1.5], [3]]), torch.tensor([0, 1, 0])
+    assert pixel_probe(x_train, y_train, x_val, y_val, 2) == pytest.approx(50.0)
+    # separable blobs in 5-D with a constant feature (zero std must not divide by zero): 100
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(5)[:3] * 10
+    y = torch.arange(3).repeat_interleave(20)
+    x = centres[y] + torch.randn(60, 5, generator=g)
+    x[:, 4] = 1.0
+    assert pixel_probe(x[::2], y[::2], x[1::2], y[1::2], 3) == pytest.approx(100.0)

@@ -98,3 +98,47 @@ def test_a_work_dir_holds_one_budget(tmp_path: Path) -> None:
     real_study.check_budget(tmp_path / "fresh", 1200)  # nothing there yet
     with pytest.raises(SystemExit, match="pretrained for 300 steps, this study asks for 1200"):
         real_study.check_budget(stage, 1200)
+
+
+def test_diagnosis_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
+    """scripts/real_diagnosis.py over finished jobs: every cell is the job's own number."""
+    import real_diagnosis
+    work, results = tmp_path / "work", tmp_path / "results"
+    stats = {"backbone_effective_rank": 486.9, "embedding_effective_rank": 14.75,
+             "class_mean_length": 0.95, "class_mean_cos_mean": 0.9, "class_mean_cos_max": 0.999,
+             "probe_embedding": 24.66, "probe_backbone": 32.5}
+    for row, probe, own in (("random", 27.8, None), ("mdp", 26.0, 20.26)):
+        fake_job(work, row, 0, "linear probe", probe)
+        seed_dir = work / row / "seed0"
+        cached = {"stats": stats if own is None else
+                  {**stats, "prototype_cos_mean": 0.826, "prototype_cos_max": 1.0}}
+        if own is not None:
+            cached["mIoU"] = own
+            (seed_dir / "pretrain0").mkdir()
+            (seed_dir / "pretrain0" / "done").write_text("abc1234\n")  # pretraining skipped
+        (seed_dir / "diagnosis.json").write_text(json.dumps(cached))
+    monkeypatch.setattr(sys, "argv", ["real_diagnosis.py"])
+    real_diagnosis.main(["--rows", "random", "mdp", "--work-dir", str(work),
+                         "--results-dir", str(results), "--no-class-table"])
+    text = (results / "real_diagnosis.md").read_text()
+    assert ("| mdp | the study's MDP row (AdamW 1e-3, bank 64, τ 0.07, mixing) | 20.26 | "
+            "0.826 / 1.000 | 0.900 / 0.999 | 0.950 | 14.8 | 487 | 24.66 | 32.50 | 26.00 |") in text
+    assert "| random | no pretraining (the network at initialisation) | — | — / — |" in text
+    assert json.loads((results / "real_diagnosis.json").read_text())["rows"]["mdp"][
+        "linear probe"] == 26.0
+
+
+def test_label_purity_by_hand() -> None:
+    import real_diagnosis
+    y = np.array([[0, 0, 1, 1],
+                  [0, 2, 1, 1],
+                  [255, 255, 2, 2],
+                  [255, 255, 2, 0]], np.uint8)
+    # 2x2 cells labelled by their top-left pixel: 0 (3 of 4 pixels are 0), 1 (4 of 4), ignore
+    # (skipped), 2 (3 of 4); a 3-pixel stride cuts blocks at the border and skips ignore pixels
+    count, purity = real_diagnosis.label_purity(y, 2, 3)
+    assert count.tolist() == [1, 1, 1] and purity.tolist() == [0.75, 1.0, 0.75]
+    count, purity = real_diagnosis.label_purity(y, 3, 3)
+    # cells at (0,0) [0,0,1 / 0,2,1 / -,-,2] -> 3 of 7 labelled pixels are class 0; (0,3) [1 / 1 /
+    # 2] -> 2/3 of class 1; (3,0) starts on ignore: skipped; (3,3) [0] -> class 0, 1/1
+    assert count.tolist() == [2, 1, 0] and purity.tolist() == pytest.approx([3 / 7 + 1, 2 / 3, 0])
