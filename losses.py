@@ -179,7 +179,8 @@ def pix2pix_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07, max_p
     return total / count.clamp(min=1)
 
 
-def downsample_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def downsample_labels(y: torch.Tensor, size: tuple[int, int],
+                      min_purity: float = 0.0) -> torch.Tensor:
     """Nearest-neighbour resize of label maps (B, H, W) to (B, h, w) (M4); int64 labels or float
     weight maps, dtype kept.
 
@@ -187,9 +188,24 @@ def downsample_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     y[:, ::s, ::s], the top-left pixel of each s x s cell, which is where a ResNet feature is
     centred (its stride-2 convs pad k // 2, so output j sits on input s * j). Labels go through
     float32, exact for ids below 2**24.
+
+    min_purity > 0 (int64 labels only; `--label-purity`): a feature keeps its label only when at
+    least that fraction of its cell's pixels carry the same label, else IGNORE. The cell of feature
+    i is the input rows that nearest resizing maps onto it ([s*i, s*i + s) for an integer stride),
+    averaged by adaptive pooling.
     """
     if tuple(y.shape[-2:]) == tuple(size):
         return y
     src = y if y.is_floating_point() else y.float()  # interpolate needs floats
     out = F.interpolate(src[:, None], size=tuple(size), mode="nearest")[:, 0]
-    return out.to(y.dtype)
+    out = out.to(y.dtype)
+    if min_purity > 0:
+        if y.is_floating_point():
+            raise ValueError("min_purity applies to integer label maps, not weight maps")
+        # each input pixel compared with its own cell's label: up-sampling back by 'nearest' maps
+        # pixel r to cell floor(r * h / H), the inverse of the sampling above
+        back = F.interpolate(out[:, None].float(), size=tuple(y.shape[-2:]), mode="nearest")[:, 0]
+        same = (back == src).float()  # (B, H, W)
+        purity = F.adaptive_avg_pool2d(same[:, None], tuple(size))[:, 0]  # (B, h, w)
+        out = out.masked_fill(purity < min_purity, IGNORE)
+    return out

@@ -63,6 +63,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-csc", action="store_true")
     p.add_argument("--mix", default=None, choices=["none", "region", "pixel", "both"],
                    help="cross-dataset mixing (default: both for mdp, none for the baselines)")
+    p.add_argument("--label-purity", type=float, default=0.0, metavar="P",
+                   help="keep a feature's label only if >= P of its cell's pixels share it "
+                        "(M4; default 0: plain nearest sampling)")
     p.add_argument("--max-pixels", type=int, default=0,
                    help="labelled pixels sampled per image for the loss (0 = all; pix2pix: 1024)")
     # unlabelled images (M10, mine.py)
@@ -111,6 +114,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{name} must be >= 1, got {value}")
     if args.tau <= 0:
         p.error(f"--tau must be > 0, got {args.tau}")
+    if not 0 <= args.label_purity <= 1:
+        p.error(f"--label-purity must lie in [0, 1], got {args.label_purity}")
     if args.unlabelled and args.method != "mdp":
         p.error(f"--unlabelled needs --method mdp (the prototypes label the pixels), "
                 f"not --method {args.method}")
@@ -154,7 +159,7 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
     padding; they are mined after the bank update, which sees the labelled pixels only.
     Returns the loss and its detached parts (device scalars: read them only when logging)."""
     size = out.shape[-2:]
-    y_a, y_b = downsample_labels(y_a, size), downsample_labels(y_b, size)  # (B, h, w)
+    y_a, y_b = (downsample_labels(y, size, args.label_purity) for y in (y_a, y_b))  # (B, h, w)
     w = downsample_labels(w, size)
     hard = hard_labels(y_a, y_b, w)  # (B, h, w): mixed pixels -> IGNORE
     if args.method == "pix2pix":

@@ -55,6 +55,10 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     # class's pixels crowd the prototypes? (the map is written from the training labels)
     "mdp_pure": (["--label-map", "{work}/low_purity_map.txt"],
                  "post hoc: classes of label purity < 0.5 ignored in pretraining"),
+    # the label-purity test, fixed before it ran (README)
+    "mdp_pure90": (["--label-purity", "0.9"], "a feature's label kept only if >= 90 % of its "
+                                              "cell shares it (--label-purity 0.9)"),
+    "ce_pure90": (["--method", "ce", "--label-purity", "0.9"], "CE with --label-purity 0.9"),
 }
 PURITY_CUT = 0.5
 PROBE_IMAGES = 120  # training images whose feature-resolution pixels fit the pixel probes

@@ -274,3 +274,28 @@ def test_downsample_labels_nearest_convention():
         for j in range(4):
             assert out[0, i, j] == y[0, (i * 10) // 4, (j * 10) // 4]
     assert losses.downsample_labels(y, (10, 10)) is y
+
+
+def test_downsample_labels_purity_against_a_cell_loop():
+    g = torch.Generator().manual_seed(1)
+    # blocky labels, so that cells range from pure to mixed, plus some IGNORE pixels
+    y = torch.randint(0, 3, (2, 8, 12), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    y[0, :3, :5] = IGNORE
+    s = 4  # (2, 16, 24) -> (2, 4, 6)
+    for p in (0.5, 0.75, 1.0):
+        out = losses.downsample_labels(y, (4, 6), min_purity=p)
+        for b in range(2):
+            for i in range(4):
+                for j in range(6):
+                    label = y[b, s * i, s * j]  # the nearest (top-left) pixel's label
+                    cell = y[b, s * i:s * i + s, s * j:s * j + s]
+                    purity = (cell == label).float().mean()  # IGNORE pixels count as other labels
+                    want = label if purity >= p else IGNORE
+                    assert out[b, i, j] == want, (p, b, i, j)
+    # hand-worked: one 2x2 cell with 3 of 4 pixels of class 5
+    y = torch.tensor([[[5, 5], [5, 7]]])
+    assert losses.downsample_labels(y, (1, 1), 0.75).item() == 5
+    assert losses.downsample_labels(y, (1, 1), 0.76).item() == IGNORE
+    assert torch.equal(losses.downsample_labels(y, (1, 1), 0.0), y[:, :1, :1])
+    with pytest.raises(ValueError, match="integer label maps"):
+        losses.downsample_labels(torch.rand(1, 2, 2), (1, 1), 0.5)

@@ -151,7 +151,7 @@ def test_unlabelled_pixels_change_neither_bank_nor_csc() -> None:
     the bank after this step's (labelled) update."""
     C, D = 7, 5
     args = Namespace(method="mdp", max_pixels=0, tau=0.2, no_csc=False, topk=2, csc_weight=0.1,
-                     mine_threshold=0.0, mine_weight=0.5)
+                     label_purity=0.0, mine_threshold=0.0, mine_weight=0.5)
     space = LabelSpace(["a", "b"], [["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"]])
     g = torch.Generator().manual_seed(1)
     y = torch.randint(-1, C, (3, 8, 8), generator=g)  # at input resolution; features are 4 x 4
@@ -331,3 +331,26 @@ def test_mine_cli_writes_pngs_and_legend(toy_root: Path, tmp_path: Path) -> None
     one_error_line(mine_cli(["--ckpt", str(ce), "--images", "coco_stuff", "--out", str(out)]),
                    "not an MDP pretraining checkpoint")
 
+
+
+def test_label_purity_reaches_the_loss_and_the_bank() -> None:
+    """--label-purity: compute_loss drops impure features from M4 and from the bank update, i.e.
+    it equals the plain loss on labels made IGNORE where the cell is impure (built here by hand)."""
+    C, D = 3, 4
+    y = torch.zeros(1, 4, 4, dtype=torch.long)  # 2 x 2 features of 2 x 2 cells
+    y[0, 0, 1] = 1  # cell (0, 0): 3/4 class 0
+    y[0, 2:, 2:] = 2  # cell (1, 1): pure class 2; cells (0, 1), (1, 0): pure class 0
+    z = unit_map(1, D, 2, 2, seed=3)
+    w = torch.ones(1, 4, 4, dtype=torch.float64)
+    impure = y.clone()
+    impure[0, 0:2, 0:2] = IGNORE  # what purity 0.8 must do to cell (0, 0)
+    kw = dict(method="mdp", max_pixels=0, tau=0.2, no_csc=True, topk=1, csc_weight=0.0)
+    runs = []
+    for purity, labels in ((0.8, y), (0.0, impure), (0.0, y)):
+        bank = PrototypeBank(C, D, 4).double()
+        loss, _ = compute_loss(Namespace(label_purity=purity, **kw), z, labels, labels, w, bank,
+                               torch.zeros(C, dtype=torch.long), torch.Generator())
+        runs.append((loss, bank.state_dict()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert_same_state(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])  # the rule changed something

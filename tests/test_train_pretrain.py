@@ -124,6 +124,7 @@ def test_bad_inputs_fail_with_one_line(toy_root: Path, tmp_path: Path) -> None:
     one_error_line(run(["--datasets", "voc", *base[:1], str(tmp_path / "nowhere"), *base[2:]]),
                    "nowhere")
     one_error_line(run(["--datasets", "voc", "--tau", "-1", *base]), "--tau")
+    one_error_line(run(["--datasets", "voc", "--label-purity", "1.5", *base]), "--label-purity")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     one_error_line(run(["--datasets", "voc", "--resume", str(garbage), *base]), str(garbage))
