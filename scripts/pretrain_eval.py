@@ -10,9 +10,12 @@ learned its task. pix2pix checkpoints have neither prototypes nor classifier: no
 Prints the mIoU and writes it to --out (JSON) when given; whole-image inference at --base-size.
 
 `--stats` adds measures of representation collapse on the val pixels: the effective rank of the
-backbone features and of the unit embeddings (how many directions they really use), and for MDP
-the mean and largest cosine between two classes' mean embeddings, and between two prototypes
-(near 1: those classes share one direction).
+backbone features and of the unit embeddings (how many directions they really use), the mean and
+largest cosine between two classes' mean embeddings (any method) and, for MDP, between two
+prototypes (near 1: those classes share one direction). `pixel_probe` (used by
+scripts/real_diagnosis.py) fits a logistic regression on frozen pixel features. A checkpoint
+pretrained with --label-map is scored through its map: merged classes share one score, dropped
+classes are never predicted.
 """
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
 """Why does MDP pretraining not beat CE on CamVid (results/real_table.md)? One-change variants of
 the real study's MDP row, each pretrained once (seed 0) under the study's protocol and measured on
 CamVid val by its own task (nearest prototype), the collapse measures of scripts/pretrain_eval.py
-(--stats) and the study's linear probe.
+(--stats), pixel probes of the embedding and of the backbone, and the study's linear probe; then a
+per-class table of label purity at stride 16 and own-task IoU.
 
     python scripts/real_diagnosis.py --data-root DATA --work-dir ~/mdp-runs/real
 
-Uses the real study's work dir, so its finished rows (mdp, ce, mdp_tau0.3, mdp_no_mix at seed 0)
-are reused, not rerun; resumable like the study. Writes results/real_diagnosis.md and .json.
-The rows and the reading rule were fixed before any variant ran (README, "On real images").
+Uses the real study's work dir, so its finished rows (random, mdp, ce, mdp_tau0.3, mdp_no_mix at
+seed 0) are reused, not rerun; resumable like the study. Writes results/real_diagnosis.md, .json.
+The rows up to mdp_bank512 and their reading rule were fixed before any variant ran, as were the
+two --label-purity rows (README, "On real images"); the rows marked post hoc were not.
 """
 from __future__ import annotations
 
