@@ -7,7 +7,8 @@ per-class table of label purity at stride 16 and own-task IoU.
     python scripts/real_diagnosis.py --data-root DATA --work-dir ~/mdp-runs/real
 
 Uses the real study's work dir, so its finished rows (random, mdp, ce, mdp_tau0.3, mdp_no_mix at
-seed 0) are reused, not rerun; resumable like the study. Writes results/real_diagnosis.md, .json.
+seed 0) are reused, not rerun; resumable like the study. Writes results/real_diagnosis.md, .json
+(with --seed N: real_diagnosis_seedN.*).
 The rows up to mdp_bank512 and their reading rule were fixed before any variant ran, as were the
 two --label-purity rows (README, "On real images"); the rows marked post hoc were not.
 """
@@ -47,11 +48,12 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     "mdp_bank512": (["--bank-size", "512"], "bank 512: the last 64 steps' image means"),
     # added after the rows above had run (README): does MDP keep classes apart when its backbone
     # starts from features that already separate them? (--init loads every tensor that fits)
-    "mdp_from_ce": (["--init", "{work}/ce/seed0/pretrain0/last.pth"],
+    "mdp_from_ce": (["--init", "{work}/ce/seed{seed}/pretrain0/last.pth"],
                     "post hoc: backbone and head initialised from the CE row's (a new bank)"),
-    "ce_from_ce": (["--method", "ce", "--init", "{work}/ce/seed0/pretrain0/last.pth"],
+    "ce_from_ce": (["--method", "ce", "--init", "{work}/ce/seed{seed}/pretrain0/last.pth"],
                    "post hoc: CE continued from the CE row (the same restart as mdp_from_ce)"),
-    "mdp_no_mix_from_ce": (["--mix", "none", "--init", "{work}/ce/seed0/pretrain0/last.pth"],
+    "mdp_no_mix_from_ce": (["--mix", "none", "--init",
+                            "{work}/ce/seed{seed}/pretrain0/last.pth"],
                            "post hoc: as mdp_from_ce, without mixing"),
     # added after the per-class table: do the classes whose stride-16 labels are mostly another
     # class's pixels crowd the prototypes? (the map is written from the training labels)
@@ -112,7 +114,8 @@ def write_low_purity_map(args: argparse.Namespace) -> None:
     name = build_reader(args.dataset, args.data_root, "train").name
     low = [c for c, (_, purity) in class_purity(args).items() if purity < PURITY_CUT]
     (args.work_dir / "low_purity_map.txt").write_text(
-        f"# classes whose stride-16 labels are mostly other classes' pixels (purity < {PURITY_CUT})\n"
+        f"# classes whose stride-16 labels are mostly other classes' pixels "
+        f"(purity < {PURITY_CUT})\n"
         + "".join(f"{name}:{c} = ignore\n" for c in low))
 
 
@@ -139,8 +142,8 @@ def measure(ckpt: str | None, args: argparse.Namespace, cache: Path) -> dict:
     reader = build_reader(args.dataset, args.data_root, "val")
     val = MultiDataset([reader], eval_transform((240, 180)))
     K = len(reader.classes)
-    if ckpt is None:  # the untrained network, as the random-weights row fine-tunes it (seed 0)
-        torch.manual_seed(0)
+    if ckpt is None:  # the untrained network, drawn from the row's seed
+        torch.manual_seed(args.seed)
         classifier = pretrain_eval.OwnTaskClassifier(
             MDPNet(real_study.ARCH, int(real_study.OUTPUT_STRIDE)), torch.arange(K))
         res = {"stats": pretrain_eval.embedding_stats(classifier, val, K)}
@@ -167,14 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", type=Path, default=Path("data"))
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--work-dir", type=Path, default=Path.home() / "mdp-runs" / "real")
+    p.add_argument("--seed", type=int, default=0,
+                   help="another seed of the study (its own table: real_diagnosis_seedN)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "results")
     p.add_argument("--no-class-table", action="store_true",
                    help="leave out the per-class table (it reads every training label)")
     args = p.parse_args(argv)
-    seed, rows = 0, {}
+    seed, rows = args.seed, {}
     for row in args.rows:
         flags = ROWS[row][0]
-        flags = None if flags is None else [f.format(work=args.work_dir) for f in flags]
+        flags = None if flags is None else [f.format(work=args.work_dir, seed=seed) for f in flags]
         if flags and any(f.endswith("low_purity_map.txt") for f in flags):
             write_low_purity_map(args)
         out = args.work_dir / row / f"seed{seed}"
@@ -194,11 +199,11 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     def cell(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
     command = shlex.join(["python", "scripts/real_diagnosis.py", *sys.argv[1:]])
-    lines = [f"MDP diagnosis on CamVid: `{command}`, table built at commit {git_commit()}, jobs run "
-             f"at {job_commits(args.work_dir)}. Seed 0 only; every row is the real study's "
-             f"protocol (results/real_table.md) with one change; rows marked post hoc were "
-             f"added after the others had run. Measured at feature resolution (labelled pixels, "
-             f"whole images at the base scale): own task on all of val; the collapse measures "
+    lines = [f"MDP diagnosis on CamVid: `{command}`, table built at commit {git_commit()}, "
+             f"jobs run at {job_commits(args.work_dir)}. Seed {args.seed} only; every row is the "
+             f"real study's protocol (results/real_table.md) with one change; rows marked post "
+             f"hoc were added after the others had run. Measured at feature resolution "
+             f"(labelled pixels, whole images at the base scale): own task on all of val; the collapse measures "
              f"(scripts/pretrain_eval.py --stats) on 50 val images; the pixel probes, a logistic "
              f"regression on the unit embedding or on the backbone features, fitted on "
              f"{PROBE_IMAGES} training images and scored on all of val (mIoU). The linear probe "
@@ -207,17 +212,19 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     for row, r in rows.items():
         g = r.get
         lines.append(f"| {row} | {ROWS[row][1]} | {cell(g('own-task mIoU'), '.2f')} | "
-                     f"{cell(g('prototype_cos_mean'), '.3f')} / {cell(g('prototype_cos_max'), '.3f')}"
-                     f" | {g('class_mean_cos_mean'):.3f} / {g('class_mean_cos_max'):.3f}"
-                     f" | {g('class_mean_length'):.3f} | {g('embedding_effective_rank'):.1f} | "
+                     f"{cell(g('prototype_cos_mean'), '.3f')} / "
+                     f"{cell(g('prototype_cos_max'), '.3f')} | {g('class_mean_cos_mean'):.3f} / "
+                     f"{g('class_mean_cos_max'):.3f} | {g('class_mean_length'):.3f} | "
+                     f"{g('embedding_effective_rank'):.1f} | "
                      f"{g('backbone_effective_rank'):.0f} | {g('probe_embedding'):.2f} | "
                      f"{g('probe_backbone'):.2f} | {g('linear probe'):.2f} |")
     if not args.no_class_table:
         lines += class_table(args, rows)
     text = "\n".join(lines) + "\n"
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "real_diagnosis.md").write_text(text)
-    (args.results_dir / "real_diagnosis.json").write_text(json.dumps(
+    name = "real_diagnosis" + (f"_seed{args.seed}" if args.seed else "")
+    (args.results_dir / f"{name}.md").write_text(text)
+    (args.results_dir / f"{name}.json").write_text(json.dumps(
         {"header": lines[0], "rows": rows}, indent=1))
     print("\n" + text)
 
