@@ -203,8 +203,9 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
              f"jobs run at {job_commits(args.work_dir)}. Seed {args.seed} only; every row is the "
              f"real study's protocol (results/real_table.md) with one change; rows marked post "
              f"hoc were added after the others had run. Measured at feature resolution "
-             f"(labelled pixels, whole images at the base scale): own task on all of val; the collapse measures "
-             f"(scripts/pretrain_eval.py --stats) on 50 val images; the pixel probes, a logistic "
+             f"(labelled pixels, whole images at the base scale): own task on all of val; the "
+             f"collapse measures (scripts/pretrain_eval.py --stats) on 50 val images; the pixel "
+             f"probes, a logistic "
              f"regression on the unit embedding or on the backbone features, fitted on "
              f"{PROBE_IMAGES} training images and scored on all of val (mIoU). The linear probe "
              f"is the study's (seed spread there: about ±2 mIoU).", "",
