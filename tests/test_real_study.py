@@ -100,16 +100,18 @@ def test_a_work_dir_holds_one_budget(tmp_path: Path) -> None:
         real_study.check_budget(stage, 1200)
 
 
-def test_diagnosis_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
-    """scripts/real_diagnosis.py over finished jobs: every cell is the job's own number."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_diagnosis_table_from_finished_jobs(tmp_path: Path, monkeypatch, seed: int) -> None:
+    """scripts/real_diagnosis.py over finished jobs: every cell is the job's own number; another
+    seed reads that seed's jobs and writes its own table."""
     import real_diagnosis
     work, results = tmp_path / "work", tmp_path / "results"
     stats = {"backbone_effective_rank": 486.9, "embedding_effective_rank": 14.75,
              "class_mean_length": 0.95, "class_mean_cos_mean": 0.9, "class_mean_cos_max": 0.999,
              "probe_embedding": 24.66, "probe_backbone": 32.5}
     for row, probe, own in (("random", 27.8, None), ("mdp", 26.0, 20.26)):
-        fake_job(work, row, 0, "linear probe", probe)
-        seed_dir = work / row / "seed0"
+        fake_job(work, row, seed, "linear probe", probe)
+        seed_dir = work / row / f"seed{seed}"
         cached = {"stats": stats if own is None else
                   {**stats, "prototype_cos_mean": 0.826, "prototype_cos_max": 1.0}}
         if own is not None:
@@ -118,13 +120,15 @@ def test_diagnosis_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None
             (seed_dir / "pretrain0" / "done").write_text("abc1234\n")  # pretraining skipped
         (seed_dir / "diagnosis.json").write_text(json.dumps(cached))
     monkeypatch.setattr(sys, "argv", ["real_diagnosis.py"])
-    real_diagnosis.main(["--rows", "random", "mdp", "--work-dir", str(work),
+    real_diagnosis.main(["--rows", "random", "mdp", "--work-dir", str(work), "--seed", str(seed),
                          "--results-dir", str(results), "--no-class-table"])
-    text = (results / "real_diagnosis.md").read_text()
+    name = "real_diagnosis" + ("_seed1" if seed else "")
+    text = (results / f"{name}.md").read_text()
+    assert f"Seed {seed} only" in text
     assert ("| mdp | the study's MDP row (AdamW 1e-3, bank 64, τ 0.07, mixing) | 20.26 | "
             "0.826 / 1.000 | 0.900 / 0.999 | 0.950 | 14.8 | 487 | 24.66 | 32.50 | 26.00 |") in text
     assert "| random | no pretraining (the network at initialisation) | — | — / — |" in text
-    assert json.loads((results / "real_diagnosis.json").read_text())["rows"]["mdp"][
+    assert json.loads((results / f"{name}.json").read_text())["rows"]["mdp"][
         "linear probe"] == 26.0
 
 
