@@ -115,7 +115,7 @@ def test_empty_or_missing_file(tmp_path: Path) -> None:
         read_label_map(tmp_path / "nowhere.txt", NAMES, CLASSES)
 
 
-def test_toy_study_map_parses(tmp_path: Path) -> None:
+def test_toy_study_map_parses() -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     from reproduce import ROWS
 
