@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 import utils
 from datasets import IGNORE, READERS, MultiDataset, _open, build_reader
 from losses import _masked_logits, downsample_labels, prototype_contrast_loss
+from prototypes import LogitScale, prototypes_from_state
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -205,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     model = MDPNet(train_args["arch"], train_args["output_stride"], train_args["embed_dim"])
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    protos = state["bank"]["prototypes"].to(device)  # (C, D)
-    filled = (state["bank"]["count"] > 0).to(device)  # (C,)
+    protos, filled = (t.to(device) for t in prototypes_from_state(state["bank"]))  # (C, D), (C,)
     colours = class_colours(space.num_classes)
 
     src = args.images
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     data = MultiDataset([reader], eval_transform(tuple(args.base_size)))
     args.out.mkdir(parents=True, exist_ok=True)
     tau = train_args["tau"]
+    if state.get("logit_scale"):  # --learn-tau: the temperature training ended with
+        tau = float(LogitScale.tau_of(state["logit_scale"]["log_scale"]))
     legend = {"ckpt": str(args.ckpt), "threshold": threshold, "tau": tau, "images": []}
     for i in range(min(args.num, len(reader))):
         x = data[i][0]  # (3, H, W) normalised

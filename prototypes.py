@@ -19,6 +19,8 @@ instead of being compacted away. Two consequences:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -95,6 +97,11 @@ class PrototypeBank(nn.Module):
     def image_means(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step one. z (B, D, h, w), labels (B, h, w) int64, negative = ignore.
         Returns means (B, C, D), L2-normalised and zero where absent, and present (B, C) bool."""
+        return self._image_means(z.detach(), labels)
+
+    def _image_means(self, z: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_means, differentiable in z (for --proto-grad)."""
         B, D, h, w = z.shape
         C = self.num_classes
         if labels.shape != (B, h, w):
@@ -103,20 +110,33 @@ class PrototypeBank(nn.Module):
         if D != self.dim:
             raise ValueError(f"embedding dim {D} does not match the bank's {self.dim}")
         self._check_labels(labels)
-        zf = z.detach().float().permute(0, 2, 3, 1).reshape(B * h * w, D)  # (B*h*w, D)
+        zf = z.float().permute(0, 2, 3, 1).reshape(B * h * w, D)  # (B*h*w, D)
         lab = labels.reshape(B, h * w)
         # one bucket per (image, class): index b*C + c. Ignored pixels go to a spare bucket B*C
         # instead of being masked out: the shapes stay fixed, and every real bucket still sums its
-        # own pixels in pixel order (index_add_ adds in index order on the CPU)
+        # own pixels in pixel order (index_add adds in index order on the CPU)
         idx = torch.where(lab >= 0, torch.arange(B, device=z.device).unsqueeze(1) * C + lab, B * C)
         idx = idx.reshape(-1)  # (B*h*w,)
-        sums = zf.new_zeros(B * C + 1, D).index_add_(0, idx, zf)[:-1]  # (B*C, D)
+        sums = zf.new_zeros(B * C + 1, D).index_add(0, idx, zf)[:-1]  # (B*C, D)
         # integer counts by index_add_: torch.bincount would read the maximum index on the host
         counts = torch.zeros(B * C + 1, dtype=torch.long, device=z.device)
         counts = counts.index_add_(0, idx, torch.ones_like(idx))[:-1]  # (B*C,)
         # absent buckets: 0 / 1 -> normalise(0) = 0, and `present` keeps them out of the bank
         means = F.normalize(sums / counts.clamp(min=1).unsqueeze(1), dim=1)  # (B*C, D)
         return means.view(B, C, D), (counts > 0).view(B, C)
+
+    def prototypes_with_grad(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[ours] `--proto-grad`: the prototypes after this step's `update(z, labels)`, the same
+        values bit for bit, but carrying the gradient of this rank's share of them: in
+        p_c = normalise(mean of memory c) the batch's own image means enter with their gradient, so
+        the loss moves the class means directly (as in prototypical networks) instead of only
+        through the pixels that later fill the bank. Other ranks' means and older slots stay
+        detached. z (B, D, h, w) with grad, labels (B, h, w) as given to `update`. -> (C, D)"""
+        means, _ = self._image_means(z, labels)  # (B, C, D), zero rows where absent
+        batch = means.sum(0)  # (C, D)
+        n = self.count.clamp(min=1, max=self.bank_size).unsqueeze(1).to(batch.dtype)  # (C, 1)
+        q = F.normalize(self.memory.sum(1) / n + (batch - batch.detach()) / n, dim=1)  # (C, D)
+        return self.prototypes + (q - q.detach())  # values: the bank's; gradient: q's
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, labels: torch.Tensor,
@@ -184,3 +204,93 @@ class PrototypeBank(nn.Module):
         n_filled = self.count.clamp(min=1, max=Q).unsqueeze(1).to(self.memory.dtype)  # (C, 1)
         fresh = F.normalize(self.memory.sum(1) / n_filled, dim=1)  # (C, D)
         self.prototypes.copy_(torch.where(has.unsqueeze(1), fresh, self.prototypes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostic / opt-in prototype sources [ours, not the source's]: the same interface as the bank
+# (`prototypes` (C, D) unit rows, `filled` (C,) bool, `update`), so M4/M5 run on them unchanged.
+
+
+def random_orthonormal(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """(C, D) orthonormal rows (QR of a seeded Gaussian): C class anchors, pairwise cosine 0."""
+    if num_classes > dim:
+        raise ValueError(f"{num_classes} orthonormal anchors need an embedding of at least that "
+                         f"many dimensions, got --embed-dim {dim}")
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, num_classes, generator=g, dtype=torch.float64))
+    return q.t().float().contiguous()  # (C, D)
+
+
+class FixedAnchors(nn.Module):
+    """`--prototypes anchors`: one fixed random orthonormal anchor per class, never updated.
+    The embeddings must move to the targets; the targets never follow the embeddings."""
+
+    def __init__(self, num_classes: int, dim: int, seed: int = 0):
+        super().__init__()
+        self.register_buffer("prototypes", random_orthonormal(num_classes, dim, seed))  # (C, D)
+        self.register_buffer("count", torch.ones(num_classes, dtype=torch.long))  # all filled
+
+    @property
+    def filled(self) -> torch.Tensor:
+        return self.count > 0  # (C,) bool
+
+    def update(self, z: torch.Tensor, labels: torch.Tensor, **_) -> None:
+        pass  # fixed
+
+
+class LearnedPrototypes(nn.Module):
+    """`--prototypes learned`: M4 with free prototypes, i.e. a cosine classifier at the same tau
+    (unit weight rows, unit embeddings), trained by the loss's gradient. Starts at the anchors that
+    `--prototypes anchors` would keep fixed (same seed), so the two differ only in the learning."""
+
+    def __init__(self, num_classes: int, dim: int, seed: int = 0):
+        super().__init__()
+        self.weight = nn.Parameter(random_orthonormal(num_classes, dim, seed))  # (C, D)
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        return F.normalize(self.weight, dim=1)  # (C, D), differentiable
+
+    @property
+    def filled(self) -> torch.Tensor:
+        return torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
+
+    def update(self, z: torch.Tensor, labels: torch.Tensor, **_) -> None:
+        pass  # learned by the optimiser
+
+
+class LogitScale(nn.Module):
+    """`--learn-tau`: a learned temperature, 1 / tau = exp(log_scale), started at the given tau and
+    kept at tau >= 0.01 (CLIP's clamp of the logit scale at 100)."""
+
+    def __init__(self, tau: float):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(-math.log(tau)))
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.tau_of(self.log_scale)  # () tensor
+
+    @staticmethod
+    def tau_of(log_scale: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-log_scale.clamp(max=math.log(100.0)))
+
+
+def build_prototypes(kind: str, num_classes: int, dim: int, bank_size: int, seed: int) -> nn.Module:
+    """The prototype source of `--prototypes`: the M3 bank (the source's rule) or an [ours]
+    variant."""
+    if kind == "bank":
+        return PrototypeBank(num_classes, dim, bank_size)
+    if kind == "anchors":
+        return FixedAnchors(num_classes, dim, seed)
+    if kind == "learned":
+        return LearnedPrototypes(num_classes, dim, seed)
+    raise ValueError(f"unknown prototype source {kind!r}; expected bank, anchors or learned")
+
+
+def prototypes_from_state(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prototypes (C, D), filled (C,) bool) from any prototype source's state_dict."""
+    if "weight" in state:  # LearnedPrototypes
+        w = state["weight"]
+        return F.normalize(w, dim=1), torch.ones(w.shape[0], dtype=torch.bool)
+    return state["prototypes"], state["count"] > 0

@@ -30,7 +30,7 @@ from losses import (ce_loss, csc_loss, downsample_labels, multihead_loss, pix2pi
                     prototype_contrast_loss)
 from mdp import ARCHS, MDPNet, init_from_imagenet
 from mixing import hard_labels, mix_batch
-from prototypes import PrototypeBank
+from prototypes import LogitScale, PrototypeBank, build_prototypes
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +66,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-purity", type=float, default=0.0, metavar="P",
                    help="keep a feature's label only if >= P of its cell's pixels share it "
                         "(M4; default 0: plain nearest sampling)")
+    p.add_argument("--prototypes", default="bank", choices=["bank", "anchors", "learned"],
+                   help="M3: the two-step bank of the source; [ours] anchors = fixed random "
+                        "orthonormal class anchors, learned = free prototypes (cosine classifier)")
+    p.add_argument("--proto-grad", action="store_true",
+                   help="[ours] the batch's share of each bank prototype carries its gradient "
+                        "(values unchanged)")
+    p.add_argument("--learn-tau", action="store_true",
+                   help="[ours] learn the temperature (started at --tau, kept >= 0.01)")
+    p.add_argument("--tau-lr", type=float, default=0.1,
+                   help="--learn-tau: learning rate of log(1/tau), on the same schedule (an "
+                        "Adam step moves a parameter by about its lr: at --lr 1e-3 the "
+                        "temperature could hardly move in a short run)")
     p.add_argument("--max-pixels", type=int, default=0,
                    help="labelled pixels sampled per image for the loss (0 = all; pix2pix: 1024)")
     # unlabelled images (M10, mine.py)
@@ -116,6 +128,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tau must be > 0, got {args.tau}")
     if not 0 <= args.label_purity <= 1:
         p.error(f"--label-purity must lie in [0, 1], got {args.label_purity}")
+    if (args.prototypes != "bank" or args.learn_tau or args.proto_grad) and args.method != "mdp":
+        p.error(f"--prototypes {args.prototypes} / --learn-tau / --proto-grad change MDP's loss; "
+                f"--method {args.method} has none")
+    if args.proto_grad and args.prototypes != "bank":
+        p.error(f"--proto-grad acts on the bank's prototypes, not --prototypes {args.prototypes}")
     if args.unlabelled and args.method != "mdp":
         p.error(f"--unlabelled needs --method mdp (the prototypes label the pixels), "
                 f"not --method {args.method}")
@@ -152,12 +169,14 @@ def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) ->
 def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
                  w: torch.Tensor, bank: PrototypeBank | None, class_dataset: torch.Tensor,
                  gen: torch.Generator, out_u: torch.Tensor | None = None,
-                 y_u: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 y_u: torch.Tensor | None = None, tau: torch.Tensor | float | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """out: (B, D, h, w) embeddings or (B, C, h, w) logits; targets (B, H, W) at input resolution;
     class_dataset: (C,) int64 dataset of each class, or the (C, num_datasets) bool membership.
     out_u (B_u, D, h, w): unlabelled embeddings (M10, MDP only), y_u (B_u, H, W): IGNORE on crop
     padding; they are mined after the bank update, which sees the labelled pixels only.
-    Returns the loss and its detached parts (device scalars: read them only when logging)."""
+    bank: any prototype source of prototypes.build_prototypes; tau: the learned temperature
+    (--learn-tau, a () tensor) or None for args.tau. Returns the loss and its detached parts (device scalars: read them only when logging)."""
     size = out.shape[-2:]
     y_a, y_b = (downsample_labels(y, size, args.label_purity) for y in (y_a, y_b))  # (B, h, w)
     w = downsample_labels(w, size)
@@ -167,6 +186,7 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
         return loss, {"loss": loss.detach()}
     if bank is not None:
         bank.update(out.detach(), hard)  # M3: before this step's loss
+        protos = bank.prototypes_with_grad(out, hard) if args.proto_grad else bank.prototypes
     B, K = out.shape[:2]
     feats = out.permute(0, 2, 3, 1).reshape(B, -1, K)  # (B, h*w, K)
     valid = (y_a.flatten(1) != IGNORE) | (y_b.flatten(1) != IGNORE)  # (B, h*w)
@@ -179,21 +199,30 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
     if args.method == "multihead":
         loss = multihead_loss(feats, y_a, y_b, w, class_dataset)
         return loss, {"loss": loss.detach()}
-    protos, filled = bank.prototypes, bank.filled
-    loss = loss_con = prototype_contrast_loss(feats, protos, filled, y_a, y_b, w, tau=args.tau)
-    parts = {"con": loss_con.detach()}
+    tau = args.tau if tau is None else tau
+    filled = bank.filled
+    loss = loss_con = prototype_contrast_loss(feats, protos, filled, y_a, y_b, w, tau=tau)
+    parts = {"con": loss_con.detach(), "proto_cos": prototype_cosine(protos.detach(), filled)}
+    if torch.is_tensor(tau):
+        parts["tau"] = tau.detach()
     if not args.no_csc:
-        loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=args.tau,
-                            topk=args.topk)
+        loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=tau, topk=args.topk)
         loss = loss_con + args.csc_weight * loss_csc
         parts["csc"] = loss_csc.detach()
     if out_u is not None:  # M10
         valid_u = downsample_labels(y_u, out_u.shape[-2:]) != IGNORE  # (B_u, h, w)
-        loss_u, frac = mine.mined_loss(out_u, valid_u, protos, filled, args.tau,
+        loss_u, frac = mine.mined_loss(out_u, valid_u, bank.prototypes, filled, tau,
                                        args.mine_threshold)
         loss = loss + args.mine_weight * loss_u
         parts.update(mined=loss_u.detach(), mined_frac=frac)
     return loss, {"loss": loss.detach(), **parts}
+
+
+def prototype_cosine(protos: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between two different filled prototypes, a () tensor (0 with fewer than two):
+    logged during training to follow the prototypes apart or together. protos (C, D) unit rows."""
+    pair = (filled[:, None] & filled[None, :]).float().fill_diagonal_(0)  # (C, C)
+    return ((protos @ protos.t()) * pair).sum() / pair.sum().clamp(min=1)
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> MDPNet:
@@ -278,17 +307,28 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, label_space.num_classes, device)
-    bank = None
-    if args.method == "mdp":
-        bank = PrototypeBank(label_space.num_classes, args.embed_dim, args.bank_size).to(device)
+    bank = logit_scale = None
+    if args.method == "mdp":  # M3, or an [ours] prototype source
+        bank = build_prototypes(args.prototypes, label_space.num_classes, args.embed_dim,
+                                args.bank_size, args.seed).to(device)
+    if args.learn_tau:
+        logit_scale = LogitScale(args.tau).to(device)
+    # learned prototypes and temperature live outside DDP: gradients averaged by hand, no decay
+    extra = [q for m in (bank, logit_scale) if m is not None for q in m.parameters()]
     use_cuda = device.type == "cuda"
     model, ddp = utils.wrap_model(model, device, args.sync_bn)
+    groups = [{"params": list(model.parameters())}]
+    if bank is not None and list(bank.parameters()):
+        groups.append({"params": list(bank.parameters()), "weight_decay": 0.0})
+    if logit_scale is not None:
+        groups.append({"params": list(logit_scale.parameters()), "weight_decay": 0.0,
+                       "lr": args.tau_lr})
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay, foreach=True)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
-                                      weight_decay=args.weight_decay, foreach=True)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                                      foreach=True)
 
     sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, world, rank, seed=args.seed)
     iters_per_epoch = utils.batches_per_epoch(dataset, sampler, args.batch_size)
@@ -325,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(ckpt["model"])
         if bank is not None:
             bank.load_state_dict(ckpt["bank"])
+        if logit_scale is not None:
+            logit_scale.load_state_dict(ckpt["logit_scale"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -341,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         utils.save_checkpoint({
             "task": "pretrain", "model": model.state_dict(),
             "bank": bank.state_dict() if bank is not None else None,
+            "logit_scale": logit_scale.state_dict() if logit_scale is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "rng": utils.rng_state(),
             "label_space": label_space.state_dict(), "args": vars(args)}, out_dir / "last.pth")
@@ -384,10 +427,11 @@ def main(argv: list[str] | None = None) -> None:
                 if y_u is not None:
                     out, out_u = out[:n_lab], out[n_lab:]
                 loss, parts = compute_loss(args, out, y_a, y_b, w, bank, class_dataset, gen,
-                                           out_u, y_u)
+                                           out_u, y_u, logit_scale and logit_scale.tau)
                 first_bad = utils.note_non_finite(first_bad, loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                utils.average_gradients(extra)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()

@@ -72,6 +72,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Averages the gradients of parameters that live outside DDP over ranks (no-op alone)."""
+    if dist_on() and params:
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= get_world_size()
+        for q, g in zip(params, flat.split([g.numel() for g in grads])):
+            q.grad = g.view_as(q).clone()
+
+
 def wrap_model(model: torch.nn.Module, device: torch.device,
                sync_bn: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(model, ddp): SyncBN when asked and world > 1 (CUDA only), channels_last on CUDA, and the

@@ -36,6 +36,7 @@ from datasets import LabelSpace, MultiDataset, build_reader, eval_transform  # n
 from evaluation import evaluate, iou_from_confusion  # noqa: E402
 from losses import downsample_labels  # noqa: E402
 from mdp import MDPNet  # noqa: E402
+from prototypes import prototypes_from_state  # noqa: E402
 
 
 class OwnTaskClassifier(nn.Module):
@@ -80,8 +81,7 @@ def own_task_classifier(state: dict, dataset: str) -> tuple[OwnTaskClassifier, s
     model.load_state_dict(state["model"])
     if method != "mdp":
         return OwnTaskClassifier(model, classes), method
-    bank = state["bank"]
-    return OwnTaskClassifier(model, classes, bank["prototypes"], bank["count"] > 0), method
+    return OwnTaskClassifier(model, classes, *prototypes_from_state(state["bank"])), method
 
 
 def effective_rank(x: torch.Tensor) -> float:

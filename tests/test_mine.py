@@ -151,7 +151,7 @@ def test_unlabelled_pixels_change_neither_bank_nor_csc() -> None:
     the bank after this step's (labelled) update."""
     C, D = 7, 5
     args = Namespace(method="mdp", max_pixels=0, tau=0.2, no_csc=False, topk=2, csc_weight=0.1,
-                     label_purity=0.0, mine_threshold=0.0, mine_weight=0.5)
+                     label_purity=0.0, mine_threshold=0.0, mine_weight=0.5, proto_grad=False)
     space = LabelSpace(["a", "b"], [["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"]])
     g = torch.Generator().manual_seed(1)
     y = torch.randint(-1, C, (3, 8, 8), generator=g)  # at input resolution; features are 4 x 4
@@ -344,7 +344,8 @@ def test_label_purity_reaches_the_loss_and_the_bank() -> None:
     w = torch.ones(1, 4, 4, dtype=torch.float64)
     impure = y.clone()
     impure[0, 0:2, 0:2] = IGNORE  # what purity 0.8 must do to cell (0, 0)
-    kw = dict(method="mdp", max_pixels=0, tau=0.2, no_csc=True, topk=1, csc_weight=0.0)
+    kw = dict(method="mdp", max_pixels=0, tau=0.2, no_csc=True, topk=1, csc_weight=0.0,
+              proto_grad=False)
     runs = []
     for purity, labels in ((0.8, y), (0.0, impure), (0.0, y)):
         bank = PrototypeBank(C, D, 4).double()
