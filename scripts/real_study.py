@@ -1,8 +1,13 @@
-"""Does MDP pretraining learn better features than CE, pixel-to-pixel and random weights, on real
-photographs? Pretraining rows on one real labelled set, each evaluated by a linear probe and by
-fine-tuning with 1/8 and all of the training images, over seeds, on that set's val split.
+"""The real-image studies: pretraining rows on real labelled sets, each row's backbone evaluated
+by linear probes and by fine-tuning DeepLabV3 on 1/8 and on all of a downstream set's training
+images, over seeds. One runner, two studies:
 
-    python scripts/real_study.py --data-root DATA                # DATA/camvid: CamVid, 3 seeds
+- `--study camvid` (the default): pretrain on CamVid, evaluate on CamVid (results/real_table.*);
+- `--study multi`: pretrain on stanford_background + msrc_v2 + labelmefacade (39 concatenated
+  classes), evaluate on CamVid, unseen, and probe each source's val (results/multi_table.*).
+
+    python scripts/real_study.py --data-root DATA                # CamVid, 3 seeds
+    python scripts/real_study.py --data-root DATA --study multi --own-task
     python scripts/real_study.py --data-root DATA --quick --seeds 1   # a tenth of the budget
     python scripts/real_study.py --data-root DATA --table-only   # the table from finished jobs
     python scripts/real_study.py --data-root DATA --pretrain-iters 1200 --rows ce mdp --seeds 1 \
@@ -10,12 +15,15 @@ fine-tuning with 1/8 and all of the training images, over seeds, on that set's v
 
 Every job is train_pretrain.py or finetune.py called in-process (scripts/reproduce.py's runner), so
 finished jobs are skipped and an interrupted study just continues; run outputs live in --work-dir
-(default $HOME/mdp-runs/real), outside the repository. The table is rebuilt from whatever has
-finished, so it can be committed while the study fills in. Writes results/real_table.md, .json
-and .png (bars with the seed spread, and mIoU against the fraction of labelled images).
+(default $HOME/mdp-runs/<study>), outside the repository. The committed results json carries every
+finished (row, seed) with its provenance, so a study spread over machines whose run outputs are
+gone continues where the table stops: a (row, seed) the json already holds is kept, not rerun.
+The table is rebuilt from whatever has finished, so it can be committed while the study fills in.
+Writes results/<table>.md, .json and .png (bars with the seed spread, and mIoU against the
+fraction of labelled images).
 
-Single-dataset study: every pretraining row consumes the same training labels as the fine-tuning
-that follows, so pretraining methods compare fairly at every fraction; against random weights the
+CamVid study: every pretraining row consumes the same training labels as the fine-tuning that
+follows, so pretraining methods compare fairly at every fraction; against random weights the
 pretrained rows have seen all the training labels even when fine-tuned on 1/8 of them.
 """
 from __future__ import annotations
@@ -26,10 +34,11 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,10 +46,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import finetune  # noqa: E402
 import pretrain_eval  # noqa: E402
-from reproduce import (bar_chart, check_claims, claims_markdown, git_commit,  # noqa: E402
-                       job_commits, pretrain, run_once, summarise, write_markdown)
+from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
+                       efficiency_plot, git_commit, job_commits, pretrain, run_once, summarise,
+                       write_markdown)
 
-# The protocol, fixed before any result was seen; every row gets exactly the same budget and
+# The CamVid protocol, fixed before any result was seen; every row gets exactly the same budget and
 # nothing is tuned per row. Half resolution (CamVid 480x360 -> 240x180 base scale, random rescale
 # 0.5-2.0 as M9), 96x128 crops, resnet14 at output stride 16: the budget fits about 2 hours on 2
 # CPU cores (3 seeds). Bank size: the source's 1024 at 16 images x 8 GPUs holds about 8 steps of
@@ -52,6 +62,7 @@ SIZE = ["--base-size", "240", "180", "--crop-size", "96", "128", "--arch", ARCH,
 PRETRAIN = SIZE + ["--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "1e-4",
                    "--schedule", "cosine", "--min-lr", "1e-5", "--warmup-iters", "15",
                    "--bank-size", "64", "--log-interval", "25", "--save-interval", "100"]
+FINETUNE = SIZE + ["--num-overlays", "0", "--log-interval", "20"]
 # row -> extra pretraining flags (None: no pretraining, the random-weights row)
 ROWS: dict[str, list[str] | None] = {
     "random": None,
@@ -63,13 +74,13 @@ ROWS: dict[str, list[str] | None] = {
 }
 LABELS = {"random": "random weights (fewer labels seen)", "ce": "CE", "pix2pix": "pixel-to-pixel",
           "mdp": "MDP", "mdp_tau0.3": "MDP τ=0.3", "mdp_no_mix": "MDP w/o mixing"}
-# evaluation -> (finetune.py flags, fraction of labelled training images, steps)
-EVALS: dict[str, tuple[list[str], float, int]] = {
-    "linear probe": (["--model", "linear"], 1.0, PROBE_ITERS),
-    "fine-tune 1/8": (["--train-fraction", "0.125"], 0.125, FINETUNE_ITERS),
-    "fine-tune all": ([], 1.0, FINETUNE_ITERS),
+# evaluation -> (dataset, None: the study's --dataset; finetune.py flags; fraction of labelled
+# training images; steps)
+EVALS: dict[str, tuple[str | None, list[str], float, int]] = {
+    "linear probe": (None, ["--model", "linear"], 1.0, PROBE_ITERS),
+    "fine-tune 1/8": (None, ["--train-fraction", "0.125"], 0.125, FINETUNE_ITERS),
+    "fine-tune all": (None, [], 1.0, FINETUNE_ITERS),
 }
-FINETUNE = SIZE + ["--num-overlays", "0", "--log-interval", "20"]
 EVALS_ALL = list(EVALS)
 CLAIMS = [
     ("MDP beats CE pretraining on the same data", "mdp", "ce", EVALS_ALL,
@@ -82,20 +93,103 @@ CLAIMS = [
     ("τ = 0.07 beats τ = 0.3", "mdp", "mdp_tau0.3", EVALS_ALL, "0.07 best (no numbers)"),
 ]
 
+# ---- the multi-set study (issue: the source's main experiment on real photographs). Protocol in
+# results/real_multi.md, committed before any of its results; the step counts below are fixed by
+# the rules written there (`--choose`), never by a pretrained row's CamVid number.
+SOURCES = ["folder:stanford_background", "folder:msrc_v2", "folder:labelmefacade"]
+DOWNSTREAM = "folder:camvid"
+MULTI_PRETRAIN_ITERS = 1200  # the length rule: results/real_multi.md
+MULTI_FINETUNE_ITERS = 0  # the fine-tuning rule: set from `--choose finetune` before any row ran
+UNIFIED = str(ROOT / "configs" / "real_unified.txt")
+# row -> pretraining stages (datasets, extra flags); [] = no pretraining
+MULTI_ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
+    "random": [],
+    "ce": [(SOURCES, ["--method", "ce"])],
+    "ce_label_map": [(SOURCES, ["--method", "ce", "--label-map", UNIFIED])],
+    "multihead": [(SOURCES, ["--method", "multihead"])],
+    "pix2pix": [(SOURCES, ["--method", "pix2pix"])],
+    "mdp": [(SOURCES, [])],
+    "mdp_no_csc": [(SOURCES, ["--no-csc"])],
+    "mdp_no_mix": [(SOURCES, ["--mix", "none"])],
+    "mdp_facade": [(["folder:labelmefacade"], [])],
+    "mdp_label_map": [(SOURCES, ["--label-map", UNIFIED])],
+    "mdp_unlabelled": [(SOURCES, ["--unlabelled", DOWNSTREAM])],
+}
+MULTI_LABELS = {
+    "random": "random weights", "ce": "CE, 39 concatenated classes",
+    "ce_label_map": "CE, manual label map (27 classes)", "multihead": "multi-head",
+    "pix2pix": "pixel-to-pixel", "mdp": "MDP", "mdp_no_csc": "MDP w/o CSC",
+    "mdp_no_mix": "MDP w/o mixing", "mdp_facade": "MDP, labelmefacade alone",
+    "mdp_label_map": "MDP + manual label map", "mdp_unlabelled": "MDP + CamVid unlabelled (M10)"}
+MULTI_SEEDS = {"random": 3, "ce": 3, "mdp": 3, "mdp_no_csc": 3}  # every other row: 2
+CAMVID_EVALS = ["CamVid probe", "CamVid 1/8", "CamVid all"]
+MULTI_EVALS: dict[str, tuple[str | None, list[str], float, int]] = {
+    "CamVid probe": (DOWNSTREAM, ["--model", "linear"], 1.0, PROBE_ITERS),
+    "CamVid 1/8": (DOWNSTREAM, ["--train-fraction", "0.125"], 0.125, MULTI_FINETUNE_ITERS),
+    "CamVid all": (DOWNSTREAM, [], 1.0, MULTI_FINETUNE_ITERS),
+    **{f"{s[7:]} probe": (s, ["--model", "linear"], 1.0, PROBE_ITERS) for s in SOURCES},
+}
+MULTI_CLAIMS = [
+    ("MDP beats CE on the concatenation", "mdp", "ce", list(MULTI_EVALS),
+     "COCO: 76.85 vs 68.48 VOC"),
+    ("MDP beats CE with manual unification", "mdp", "ce_label_map", list(MULTI_EVALS), "—"),
+    ("MDP beats multi-head", "mdp", "multihead", list(MULTI_EVALS), "73.32 vs 71.19 VOC"),
+    ("MDP beats pixel-to-pixel", "mdp", "pix2pix", list(MULTI_EVALS),
+     "73.32/40.15/77.75 vs 71.19/38.81/77.17"),
+    ("CSC helps on the unseen set", "mdp", "mdp_no_csc", CAMVID_EVALS,
+     "76.53 vs 75.37 Cityscapes"),
+    ("mixing helps", "mdp", "mdp_no_mix", list(MULTI_EVALS), "73.32 vs 71.98 VOC"),
+    ("several datasets beat one", "mdp", "mdp_facade", CAMVID_EVALS, "73.32 vs 70.92 VOC"),
+    ("a manual label map changes nothing (M1)", "mdp_label_map", "mdp", list(MULTI_EVALS),
+     "71.91 vs 71.93 VOC (no change)"),
+    ("unlabelled images help (M10 mining)", "mdp_unlabelled", "mdp", CAMVID_EVALS,
+     "74.74 vs 73.32 VOC"),
+    ("MDP beats random weights", "mdp", "random", list(MULTI_EVALS), "—"),
+    ("CE beats random weights", "ce", "random", list(MULTI_EVALS), "—"),
+]
+
+
+@dataclass
+class Study:
+    """What distinguishes the studies; the runner, the evaluations and the table are shared."""
+    table: str  # results/<table>.*
+    rows: dict[str, list[tuple[list[str], list[str]]]]  # row -> pretraining stages
+    labels: dict[str, str]
+    evals: dict[str, tuple[str | None, list[str], float, int]]
+    claims: list
+    pretrain_iters: int
+    seeds: dict[str, int]  # row -> seeds it gets (rows not named: the --seeds default)
+    sources: list[str]  # the datasets of the own-task diagnostic
+    pretraining: str  # for the header: what the rows pretrain on
+
+
+def make_study(name: str, dataset: str) -> Study:
+    if name == "multi":
+        return Study("multi_table", MULTI_ROWS, MULTI_LABELS, MULTI_EVALS, MULTI_CLAIMS,
+                     MULTI_PRETRAIN_ITERS, MULTI_SEEDS, SOURCES,
+                     "stanford_background + msrc_v2 + labelmefacade train (39 concatenated "
+                     "classes), CamVid unseen")
+    rows = {r: [] if f is None else [([dataset], f)] for r, f in ROWS.items()}
+    return Study("real_table", rows, LABELS, EVALS, CLAIMS, PRETRAIN_ITERS, {}, [dataset],
+                 f"{dataset} train (pretraining and fine-tuning)")
+
 
 def eval_dir(out: Path, name: str) -> Path:
     return out / name.replace(" ", "_").replace("/", "of")  # "fine-tune 1/8" -> fine-tune_1of8
 
 
 def evaluate_all(ckpt: str | None, seed: int, out: Path, dataset: str, data_root: Path,
-                 scale: int, evals: list[str]) -> dict[str, dict]:
-    """The row's evaluations; the 1/8 subset depends on the seed only (same for every row)."""
+                 scale: int, evals: list[str],
+                 specs: dict[str, tuple[str | None, list[str], float, int]] = EVALS
+                 ) -> dict[str, dict]:
+    """The row's evaluations (`specs`, each on its own dataset or else `dataset`); the 1/8 subset
+    depends on the seed only (same for every row)."""
     results = {}
     for name in evals:
-        extra, _, iters = EVALS[name]
+        target, extra, _, iters = specs[name]
         iters = max(iters // scale, 1)
         ft_dir = eval_dir(out, name)
-        argv = FINETUNE + ["--ckpt", ckpt or "none", "--dataset", dataset, "--data-root",
+        argv = FINETUNE + ["--ckpt", ckpt or "none", "--dataset", target or dataset, "--data-root",
                            str(data_root), "--iters", str(iters), "--eval-interval", str(iters),
                            "--seed", str(seed), "--subset-seed", str(seed), "--out-dir",
                            str(ft_dir), *extra]
@@ -104,90 +198,166 @@ def evaluate_all(ckpt: str | None, seed: int, out: Path, dataset: str, data_root
     return results
 
 
-def efficiency_plot(table: dict, width: int) -> Image.Image | None:
-    """mIoU (mean ± std) against the fraction of labelled images, one line per row (fine-tuning);
-    None when the table has no fine-tuning column."""
-    colours = [(120, 120, 120), (219, 68, 55), (244, 160, 0), (66, 133, 244), (15, 157, 88),
-               (171, 71, 188)]
-    points = [(n, f) for n, (flags, f, _) in EVALS.items()
-              if "--model" not in flags and any(n in by_eval for by_eval in table.values())]
-    if not points:
-        return None
-    left, top, height, plot_w = 60, 30, 260, 360
-    img = Image.new("RGB", (max(width, left + plot_w + 260), top + height + 50), "white")
-    draw = ImageDraw.Draw(img)
-    vals = [table[r][n] for r in table for n, _ in points if n in table[r]]
-    ymax = max(v["mean"] + v["std"] for v in vals) * 1.1 or 1
-    x = lambda f: left + 20 + (np.log2(f) + 3) / 3 * (plot_w - 40)  # noqa: E731 (1/8 .. 1)
-    y = lambda v: top + height - v / ymax * height  # noqa: E731
-    for tick in np.linspace(0, ymax, 5):
-        draw.line([(left - 4, y(tick)), (left + plot_w, y(tick))], fill=(220, 220, 220))
-        draw.text((5, y(tick) - 6), f"{tick:.0f}", fill="black")
-    for _, f in points:
-        draw.text((x(f) - 10, top + height + 6), "all" if f == 1 else f"1/{round(1 / f)}",
-                  fill="black")
-    draw.text((left + plot_w // 2 - 90, top + height + 24), "labelled training images (fraction)",
-              fill="black")
-    draw.text((left, 8), "fine-tuned mIoU vs labelled images", fill="black")
-    for i, row in enumerate(table):
-        c = colours[i % len(colours)]
-        xy = [(x(f), y(table[row][n]["mean"])) for n, f in points if n in table[row]]
-        if len(xy) > 1:
-            draw.line(xy, fill=c, width=2)
-        for (px, py), (n, _) in zip(xy, points):
-            s = table[row][n]["std"] / ymax * height
-            draw.line([(px, py - s), (px, py + s)], fill=c)
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-        draw.rectangle([left + plot_w + 20, top + 16 * i, left + plot_w + 30, top + 16 * i + 10],
-                       fill=c)
-        draw.text((left + plot_w + 36, top + 16 * i - 1), LABELS[row], fill="black")
-    return img
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="folder:camvid", help="a reader name or folder:PATH")
-    p.add_argument("--data-root", default="data", help="the folder that holds --dataset")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--evals", nargs="+", default=list(EVALS), choices=list(EVALS))
-    p.add_argument("--pretrain-iters", type=int, default=PRETRAIN_ITERS,
+    p.add_argument("--study", default="camvid", choices=["camvid", "multi"])
+    p.add_argument("--dataset", default="folder:camvid",
+                   help="camvid study: a reader name or folder:PATH")
+    p.add_argument("--data-root", default="data", help="the folder that holds the datasets")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per row (default: camvid 3; multi: 3 for random, CE, MDP and MDP "
+                        "w/o CSC, 2 for the others)")
+    p.add_argument("--rows", nargs="+", default=None, help="default: every row of the study")
+    p.add_argument("--evals", nargs="+", default=None, help="default: every evaluation")
+    p.add_argument("--pretrain-iters", type=int, default=None,
                    help="diagnostic only: another pretraining budget (use its own --work-dir; "
-                        "the table goes to real_table_itersN)")
+                        "the table goes to <table>_itersN)")
     p.add_argument("--quick", action="store_true", help="a tenth of the budget (smoke test)")
-    p.add_argument("--work-dir", default=str(Path.home() / "mdp-runs" / "real"))
+    p.add_argument("--work-dir", default=None, help="default: $HOME/mdp-runs/<real|multi>")
     p.add_argument("--results-dir", default=str(ROOT / "results"))
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the table from the finished jobs, run nothing")
+    p.add_argument("--choose", choices=["finetune", "pretrain"], default=None,
+                   help="multi study: run the rule that fixes the fine-tuning steps (random "
+                        "weights on CamVid) or the pretraining steps (CE's own task on the "
+                        "sources' val) and write results/multi_protocol.json")
     p.add_argument("--own-task", action="store_true",
                    help="diagnostic: each finished pretraining checkpoint's own-task mIoU on val "
                         "(scripts/pretrain_eval.py, cached beside the checkpoint) in the table")
     args = p.parse_args(argv)
+    study = make_study(args.study, args.dataset)
+    args.rows = args.rows or list(study.rows)
+    args.evals = args.evals or list(study.evals)
+    for what, names, known in (("row", args.rows, study.rows), ("evaluation", args.evals,
+                                                                   study.evals)):
+        if bad := [n for n in names if n not in known]:
+            p.error(f"unknown {what} {bad[0]!r} of the {args.study} study; expected one of "
+                    f"{', '.join(known)}")
+    if args.choose:
+        return choose(args.choose, Path(args.data_root), Path(args.work_dir or Path.home() /
+                                                              "mdp-runs" / "multi"), args)
+    if any(study.evals[n][3] <= 0 for n in args.evals) and not args.table_only:
+        p.error("the fine-tuning budget is not fixed yet: run `--choose finetune` first "
+                "(results/real_multi.md)")
+    args.pretrain_iters = args.pretrain_iters or study.pretrain_iters
     scale = 10 if args.quick else 1
-    data_root, work = Path(args.data_root), Path(args.work_dir)
+    data_root = Path(args.data_root)
+    work = Path(args.work_dir or Path.home() / "mdp-runs" / (
+        "real" if args.study == "camvid" else "multi"))
     iters = max(args.pretrain_iters // scale, 1)
-    if (not args.table_only and args.dataset.startswith("folder:")
-            and not (data_root / args.dataset.removeprefix("folder:")).exists()):
-        raise SystemExit(f"error: {data_root / args.dataset[7:]} not found (--data-root, --dataset)")
+    needed = {d for n in args.evals for d in [study.evals[n][0] or args.dataset]}
+    needed |= {d for r in args.rows for ds, _ in study.rows[r] for d in ds}
+    for d in sorted(needed):
+        if not args.table_only and d.startswith("folder:") and not (data_root / d[7:]).exists():
+            raise SystemExit(f"error: {data_root / d[7:]} not found (--data-root, --dataset)")
 
+    name = study.table + ("" if args.pretrain_iters == study.pretrain_iters else
+                          f"_iters{args.pretrain_iters}") + ("_quick" if args.quick else "")
+    kept = previous_runs(Path(args.results_dir) / f"{name}.json")
     runs: dict[str, dict[int, dict]] = {}
-    for seed in range(args.seeds):  # seed-major: a partial study has every row at some seeds
+    n_seeds = max([args.seeds or 0] + [study.seeds.get(r, 0) for r in args.rows] + [3])
+    for seed in range(n_seeds):  # seed-major: a partial study has every row at some seeds
         for row in args.rows:
+            if seed >= (args.seeds or study.seeds.get(row, 3 if args.study == "camvid" else 2)):
+                continue
             out = work / row / f"seed{seed}"
+            old = kept.get(row, {}).get(seed)
+            if (old is not None and all(n in old for n in args.evals)
+                    and not all((eval_dir(out, n) / "done").exists() for n in args.evals)):
+                runs.setdefault(row, {})[seed] = old  # finished where its outputs are gone: kept
+                continue
             if args.table_only:
                 runs.setdefault(row, {})[seed] = {
                     n: json.loads((eval_dir(out, n) / "results.json").read_text())
                     for n in args.evals if (eval_dir(out, n) / "done").exists()}
+                runs[row][seed]["made"] = made_at(out)
                 continue
-            stages = [] if ROWS[row] is None else [([args.dataset], ROWS[row])]
             check_budget(out / "pretrain0", iters)
             t0 = time.time()
-            ckpt = pretrain(stages, seed, out, data_root, iters, PRETRAIN)
+            ckpt = pretrain(study.rows[row], seed, out, data_root, iters, PRETRAIN)
             runs.setdefault(row, {})[seed] = evaluate_all(ckpt, seed, out, args.dataset,
-                                                          data_root, scale, args.evals)
+                                                          data_root, scale, args.evals,
+                                                          study.evals)
+            runs[row][seed]["made"] = made_at(out)
             print(f"[{row} seed {seed}: {time.time() - t0:.0f} s]", flush=True)
-    own = own_task(work, args) if args.own_task else {}
-    write_results(runs, args, scale, work, own)
+    own = own_task(work, args, study, name) if args.own_task else {}
+    write_results(runs, args, scale, work, study, name, own)
+
+
+def previous_provenance(path: Path) -> str:
+    """The committed table's 'jobs run at ...' clause, carried when its rows are kept."""
+    if not path.is_file():
+        return ""
+    header = json.loads(path.read_text()).get("header", "")
+    clause = header.split("jobs run at ", 1)[1].split(";", 1)[0] if "jobs run at " in header else ""
+    return clause.split(KEPT, 1)[-1]  # a rebuilt table's clause holds the original one
+
+
+KEPT = "kept from the committed json: "
+
+
+# The two rules of the multi study's protocol (results/real_multi.md), fixed before they ran.
+FINETUNE_CANDIDATES = [240, 480, 960]  # fine-tuning steps tried in order on the random row
+LEARNED_IOU, LEARNED_CLASSES = 10.0, 6  # "learns a clear majority": >= 6 of 11 classes at IoU >= 10
+PRETRAIN_CANDIDATES, PRETRAIN_GAIN = [1200, 2400], 2.0  # longer only if CE gains >= 2 points
+
+
+def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) -> None:
+    """Applies one protocol rule and records what it measured in results/multi_protocol.json.
+    finetune: random weights fine-tuned on all of CamVid's training images (seed 0) for each
+    candidate in turn; the first at which scratch learns >= LEARNED_CLASSES classes is chosen
+    (the last candidate if none). pretrain: CE on the three sources (seed 0) for each candidate
+    length, own task on each source's val; the longer length only if the mean gains >= 2."""
+    path = Path(args.results_dir) / "multi_protocol.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if which == "finetune":
+        tried = {}
+        for steps in FINETUNE_CANDIDATES:
+            specs = {"CamVid all": (DOWNSTREAM, [], 1.0, steps)}
+            res = evaluate_all(None, 0, work / "choose_finetune" / f"steps{steps}", DOWNSTREAM,
+                               data_root, 1, ["CamVid all"], specs)["CamVid all"]
+            learned = [c for c, v in res["IoU"].items() if v is not None and v >= LEARNED_IOU]
+            tried[steps] = {"mIoU": res["mIoU"], "learned": learned}
+            print(f"[random weights, {steps} fine-tuning steps: mIoU {res['mIoU']:.2f}, "
+                  f"{len(learned)} classes at IoU >= {LEARNED_IOU:g}]", flush=True)
+            if len(learned) >= LEARNED_CLASSES:
+                break
+        record["finetune"] = {"tried": tried, "chosen": steps}
+    else:
+        tried = {}
+        for steps in PRETRAIN_CANDIDATES:
+            out = work / ("ce" if steps == MULTI_PRETRAIN_ITERS else f"ce_iters{steps}") / "seed0"
+            check_budget(out / "pretrain0", steps)
+            pretrain(MULTI_ROWS["ce"], 0, out, data_root, steps, PRETRAIN)
+            own = {}
+            for source in SOURCES:
+                cache = out / f"own_task_{source.removeprefix('folder:')}.json"
+                if not cache.exists():
+                    pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", source,
+                                        "--data-root", str(data_root), "--base-size",
+                                        *SIZE[1:3], "--stats", "--out", str(cache)])
+                own[source] = json.loads(cache.read_text())["mIoU"]
+            tried[steps] = {"own task": own, "mean": float(np.mean(list(own.values())))}
+        gain = tried[PRETRAIN_CANDIDATES[1]]["mean"] - tried[PRETRAIN_CANDIDATES[0]]["mean"]
+        chosen = PRETRAIN_CANDIDATES[1] if gain >= PRETRAIN_GAIN else PRETRAIN_CANDIDATES[0]
+        record["pretrain"] = {"tried": tried, "gain": gain, "chosen": chosen}
+    record.setdefault("made", {})[which] = f"commit {git_commit()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(json.dumps(record[which], indent=1))
+
+
+def made_at(out: Path) -> str:
+    """The commits a (row, seed)'s finished jobs ran at: its provenance in the results json."""
+    return ", ".join(sorted({f.read_text().strip() or "not recorded" for f in out.rglob("done")}))
+
+
+def previous_runs(path: Path) -> dict[str, dict[int, dict]]:
+    """row -> seed -> evaluations of the committed results json (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    runs = json.loads(path.read_text()).get("runs", {})
+    return {r: {int(s): res for s, res in by.items()} for r, by in runs.items()}
 
 
 def check_budget(stage_dir: Path, iters: int) -> None:
@@ -200,28 +370,44 @@ def check_budget(stage_dir: Path, iters: int) -> None:
                          f"{iters}: use another --work-dir")
 
 
-def own_task(work: Path, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+def own_task(work: Path, args: argparse.Namespace, study: Study,
+             name: str) -> dict[str, dict[int, float | dict]]:
     """row -> seed -> own-task val mIoU of its pretraining checkpoint (nearest prototype for MDP,
-    the classifier for CE; pix2pix has neither). Evaluated once, cached in own_task.json."""
-    scores: dict[str, dict[int, float]] = {}
-    for row, flags in ROWS.items():
-        if flags is None or "pix2pix" in flags or row not in args.rows:
+    the classifier for CE; pix2pix has neither), evaluated once and cached beside the checkpoint.
+    One source: the mIoU; several: {source: {"mIoU", "stats"}} (with the collapse measures).
+    Seeds whose run outputs are gone keep the committed json's value."""
+    prev = json.loads((Path(args.results_dir) / f"{name}.json").read_text()).get(
+        "own_task", {}) if (Path(args.results_dir) / f"{name}.json").is_file() else {}
+    scores: dict[str, dict[int, float | dict]] = {}
+    for row in args.rows:
+        stages = study.rows[row]
+        if not stages or "pix2pix" in stages[-1][1]:
             continue
-        for seed in range(args.seeds):
+        for seed in range(max(args.seeds or 0, study.seeds.get(row, 0), 3)):
             out = work / row / f"seed{seed}"
             if not (out / "pretrain0" / "done").exists():
+                if str(seed) in prev.get(row, {}):
+                    scores.setdefault(row, {})[seed] = prev[row][str(seed)]
                 continue
-            cache = out / "own_task.json"
-            if not cache.exists():
-                pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", args.dataset,
-                                    "--data-root", args.data_root, "--base-size", *SIZE[1:3],
-                                    "--out", str(cache)])
-            scores.setdefault(row, {})[seed] = json.loads(cache.read_text())["mIoU"]
+            res = {}
+            for source in (d for d in study.sources if d in stages[-1][0]):
+                cache = out / ("own_task.json" if len(study.sources) == 1 else
+                               f"own_task_{source.removeprefix('folder:')}.json")
+                if not cache.exists():
+                    pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", source,
+                                        "--data-root", args.data_root, "--base-size", *SIZE[1:3],
+                                        "--out", str(cache)]
+                                       + (["--stats"] if len(study.sources) > 1 else []))
+                got = json.loads(cache.read_text())
+                res[source] = {"mIoU": got["mIoU"], "stats": got.get("stats")}
+            if res:
+                scores.setdefault(row, {})[seed] = (
+                    res[study.sources[0]]["mIoU"] if len(study.sources) == 1 else res)
     return scores
 
 
-def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
-                  own: dict[str, dict[int, float]] | None = None) -> None:
+def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, study: Study,
+                  name: str, own: dict[str, dict[int, float | dict]] | None = None) -> None:
     """Rows x evaluations, mean ± std over the seeds finished so far (n per cell in the json)."""
     evals = args.evals
     runs = {r: {s: res for s, res in by_seed.items() if all(n in res for n in evals)}
@@ -229,58 +415,90 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path,
     runs = {r: by_seed for r, by_seed in runs.items() if by_seed}
     if not runs:
         raise SystemExit("error: no finished row yet")
+    results_dir = Path(args.results_dir)
     table = summarise(runs, evals)
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
     marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
     argv = [a for a in sys.argv[1:] if a != "--table-only"]  # the command that ran the jobs
+    ft_iters = max((study.evals[n][3] for n in evals if "--model" not in study.evals[n][1]),
+                   default=0)
     evaluations = "".join(  # only the evaluations this table has
         text for wanted, text in (
-            (any(n.startswith("fine-tune") for n in evals),
-             f", fine-tuning DeepLabV3 {FINETUNE_ITERS // scale} steps (SGD 0.01, poly)"),
-            ("linear probe" in evals, f", linear probe {PROBE_ITERS // scale} steps (SGD 0.1, "
-                                      f"frozen backbone and BN statistics)")) if wanted)
-    command = shlex.join(["python", "scripts/real_study.py", *argv])
+            (ft_iters > 0, f", fine-tuning DeepLabV3 {ft_iters // scale} steps (SGD 0.01, poly)"),
+            (any("--model" in study.evals[n][1] for n in evals),
+             f", linear probe {PROBE_ITERS // scale} steps (SGD 0.1, frozen backbone and BN "
+             f"statistics)")) if wanted)
+    command = placeholders(shlex.join(["python", "scripts/real_study.py", *argv]), args, work)
+    timing = (f"{len(marks)} jobs here, the last finished {(marks[-1] - marks[0]) / 60:.0f} min "
+              f"after the first ({os.cpu_count()} CPU cores)" if marks else "no job run here")
+    here, before = job_commits(work), previous_provenance(results_dir / f"{name}.json")
+    kept = any(not any(work.glob(f"{r}/seed{s}/**/done")) for r in runs for s in runs[r])
+    made = ", ".join(filter(None, [here, KEPT + before if kept and
+                                   before else ""]))
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
-              f"{job_commits(work)}; {args.dataset} train "
-              f"(pretraining and fine-tuning) and val (mIoU, %), seeds {seeds} (mean ± std over "
+              f"{made}; "
+              f"{study.pretraining}; val mIoU (%), seeds {seeds} (mean ± std over "
               f"seeds; each seed = its own pretraining, fine-tuning and 1/8 subset, the same for "
               f"every row). Protocol: {ARCH} at output stride {OUTPUT_STRIDE}, crops 96×128 of "
-              f"the half-resolution images, batch 8; pretraining {args.pretrain_iters // scale} "
-              f"steps (AdamW 1e-3, cosine, bank 64){evaluations}. "
-              f"{len(marks)} jobs, the last finished "
-              f"{(marks[-1] - marks[0]) / 60:.0f} min after the first ({os.cpu_count()} CPU "
-              f"cores). The random-weights row saw only the fine-tuning labels; every other row "
-              f"also pretrained on all of the training labels.")
+              f"the images at a 240×180 base scale, batch 8; pretraining "
+              f"{args.pretrain_iters // scale} steps (AdamW 1e-3, cosine, bank 64){evaluations}. "
+              f"{timing}. " + (
+                  "The random-weights row saw only the fine-tuning labels; every other row "
+                  "also pretrained on all of the training labels." if study.table == "real_table"
+                  else "Each (row, seed) keeps the commits its jobs ran at in the json (`made`)."))
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    name = "real_table" + ("" if args.pretrain_iters == PRETRAIN_ITERS else
-                           f"_iters{args.pretrain_iters}") + ("_quick" if args.quick else "")
-    text = write_markdown(table, evals, results / f"{name}.md", header, LABELS, "{} mIoU")
-    checks = check_claims(table, evals, CLAIMS)
+    text = write_markdown(table, evals, results / f"{name}.md", header, study.labels, "{} mIoU")
+    checks = check_claims(table, evals, study.claims)
     text += "\n" + claims_markdown(checks, "real")
     per_seed = ["", "Per seed (mIoU):", "", "| row | " + " | ".join(evals) + " |",
                 "|---|" + "---|" * len(evals)]
-    per_seed += [f"| {LABELS[r]} | " + " | ".join(
+    per_seed += [f"| {study.labels[r]} | " + " | ".join(
         ", ".join(f"{runs[r][s][n]['mIoU']:.2f}" for s in sorted(runs[r])) for n in evals) + " |"
         for r in runs]
     text += "\n".join(per_seed) + "\n"
     if own:
-        text += ("\nDiagnostic (`--own-task`): each pretraining checkpoint on its own task, "
-                 "val mIoU (scripts/pretrain_eval.py: MDP by the nearest prototype, CE by its "
-                 "classifier), per seed and mean:\n\n| row | per seed | mean |\n|---|---|---:|\n")
-        text += "".join(f"| {LABELS[r]} | {', '.join(f'{v:.2f}' for v in by.values())} | "
-                        f"{np.mean(list(by.values())):.2f} |\n" for r, by in own.items())
+        text += own_task_markdown(own, study)
     (results / f"{name}.md").write_text(text)
     print("\n" + text)
     (results / f"{name}.json").write_text(json.dumps(
         {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {}},
         indent=1))
-    bars = bar_chart(table, evals, None, LABELS, "{} mIoU")
-    parts = [p for p in (bars, efficiency_plot(table, bars.width)) if p is not None]
+    bars = bar_chart(table, evals, None, study.labels, "{} mIoU")
+    parts = [p for p in (bars, efficiency_plot(table, bars.width, study.evals, study.labels)) if p is not None]
     png = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
     for k, part in enumerate(parts):
         png.paste(part, (0, sum(p.height for p in parts[:k])))
     png.save(results / f"{name}.png")
+
+
+def placeholders(text: str, args: argparse.Namespace, work: Path) -> str:
+    """No machine's paths in a committed file: the data root and the work dir become DATA, RUNS."""
+    return text.replace(str(work), "RUNS").replace(str(args.data_root), "DATA")
+
+
+def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> str:
+    """The own-task diagnostic: one number per seed (one source), or per source the mean over
+    seeds of the own-task mIoU and of the class-mean cosine (several sources)."""
+    text = ("\nDiagnostic (`--own-task`): each pretraining checkpoint on its own task, val mIoU "
+            "(scripts/pretrain_eval.py: MDP by the nearest prototype, CE by its classifier)")
+    if len(study.sources) == 1:
+        text += ", per seed and mean:\n\n| row | per seed | mean |\n|---|---|---:|\n"
+        return text + "".join(f"| {study.labels[r]} | {', '.join(f'{v:.2f}' for v in by.values())}"
+                              f" | {np.mean(list(by.values())):.2f} |\n" for r, by in own.items())
+    names = [s.removeprefix("folder:") for s in study.sources]
+    text += (", and the mean cosine between its classes' mean embeddings (`--stats`), each the "
+             "mean over seeds on the source's val:\n\n| row | " + " | ".join(
+                 f"{n} own task / class-mean cos" for n in names) + " |\n|---|"
+             + "---:|" * len(names) + "\n")
+    for r, by in own.items():
+        cells = []
+        for src in study.sources:
+            got = [v[src] for v in by.values() if src in v]
+            cells.append("—" if not got else f"{np.mean([g['mIoU'] for g in got]):.2f} / "
+                         f"{np.mean([g['stats']['class_mean_cos_mean'] for g in got]):.3f}")
+        text += f"| {study.labels[r]} | " + " | ".join(cells) + " |\n"
+    return text
 
 
 if __name__ == "__main__":

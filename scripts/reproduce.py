@@ -263,6 +263,48 @@ def bar_chart(table: dict, targets: list[str], path: Path | None, labels: dict[s
     return img
 
 
+def efficiency_plot(table: dict, width: int, evals: dict, labels: dict[str, str]
+                    ) -> Image.Image | None:
+    """mIoU (mean ± std) against the fraction of labelled images, one line per row (fine-tuning);
+    None when the table has no fine-tuning column. evals: name -> (dataset, finetune.py flags,
+    fraction, steps) as in scripts/real_study.py."""
+    colours = [(120, 120, 120), (219, 68, 55), (244, 160, 0), (66, 133, 244), (15, 157, 88),
+               (171, 71, 188)]
+    points = [(n, f) for n, (_, flags, f, _) in evals.items()
+              if "--model" not in flags and any(n in by_eval for by_eval in table.values())]
+    if not points:
+        return None
+    left, top, height, plot_w = 60, 30, 260, 360
+    img = Image.new("RGB", (max(width, left + plot_w + 260), top + height + 50), "white")
+    draw = ImageDraw.Draw(img)
+    vals = [table[r][n] for r in table for n, _ in points if n in table[r]]
+    ymax = max(v["mean"] + v["std"] for v in vals) * 1.1 or 1
+    x = lambda f: left + 20 + (np.log2(f) + 3) / 3 * (plot_w - 40)  # noqa: E731 (1/8 .. 1)
+    y = lambda v: top + height - v / ymax * height  # noqa: E731
+    for tick in np.linspace(0, ymax, 5):
+        draw.line([(left - 4, y(tick)), (left + plot_w, y(tick))], fill=(220, 220, 220))
+        draw.text((5, y(tick) - 6), f"{tick:.0f}", fill="black")
+    for _, f in points:
+        draw.text((x(f) - 10, top + height + 6), "all" if f == 1 else f"1/{round(1 / f)}",
+                  fill="black")
+    draw.text((left + plot_w // 2 - 90, top + height + 24), "labelled training images (fraction)",
+              fill="black")
+    draw.text((left, 8), "fine-tuned mIoU vs labelled images", fill="black")
+    for i, row in enumerate(table):
+        c = colours[i % len(colours)]
+        xy = [(x(f), y(table[row][n]["mean"])) for n, f in points if n in table[row]]
+        if len(xy) > 1:
+            draw.line(xy, fill=c, width=2)
+        for (px, py), (n, _) in zip(xy, points):
+            s = table[row][n]["std"] / ymax * height
+            draw.line([(px, py - s), (px, py + s)], fill=c)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+        draw.rectangle([left + plot_w + 20, top + 16 * i, left + plot_w + 30, top + 16 * i + 10],
+                       fill=c)
+        draw.text((left + plot_w + 36, top + 16 * i - 1), labels[row], fill="black")
+    return img
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 seed, a tenth of the budget")

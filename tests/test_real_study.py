@@ -146,3 +146,87 @@ def test_label_purity_by_hand() -> None:
     # cells at (0,0) [0,0,1 / 0,2,1 / -,-,2] -> 3 of 7 labelled pixels are class 0; (0,3) [1 / 1 /
     # 2] -> 2/3 of class 1; (3,0) starts on ignore: skipped; (3,3) [0] -> class 0, 1/1
     assert count.tolist() == [2, 1, 0] and purity.tolist() == pytest.approx([3 / 7 + 1, 2 / 3, 0])
+
+
+def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """A (row, seed) finished on another machine (in the committed json, its run outputs gone) is
+    kept as it is and not rerun; a (row, seed) finished here is read from its jobs; the header
+    carries both provenances and no machine path."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    results.mkdir()
+    evals = list(real_study.MULTI_EVALS)
+    kept = {e: {"mIoU": 40.0 + k, "IoU": {}} for k, e in enumerate(evals)}
+    (results / "multi_table.json").write_text(json.dumps({
+        "header": "Real-image study: `x`, table built at commit a, jobs run at 1234abc (9 jobs); y",
+        "runs": {"mdp": {"0": {**kept, "made": "1234abc"}}}}))
+    for k, e in enumerate(evals):
+        fake_job(work, "ce", 0, e, 30.0 + k)
+    for d in ("camvid", "stanford_background", "msrc_v2", "labelmefacade"):
+        (tmp_path / "data" / d).mkdir(parents=True)  # the data check looks for the folders
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("a kept (row, seed) was rerun")
+    monkeypatch.setattr(real_study, "pretrain", must_not_run)
+    monkeypatch.setattr(real_study, "evaluate_all", must_not_run)
+    monkeypatch.setattr(real_study, "MULTI_EVALS", {
+        n: (d, f, fr, it or 480) for n, (d, f, fr, it) in real_study.MULTI_EVALS.items()})
+    monkeypatch.setattr(sys, "argv", ["real_study.py"])
+    argv = ["--study", "multi", "--rows", "mdp", "--seeds", "1", "--work-dir", str(work),
+            "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
+    real_study.main(argv)  # runs nothing: mdp seed 0 is kept
+    real_study.main(argv[:2] + ["--rows", "ce", "mdp", "--table-only"] + argv[4:])
+    data = json.loads((results / "multi_table.json").read_text())
+    assert data["runs"]["mdp"]["0"]["CamVid probe"]["mIoU"] == 40.0
+    assert data["table"]["ce"]["CamVid all"]["mean"] == 32.0
+    assert data["runs"]["ce"]["0"]["made"] == "abc1234"
+    assert "abc1234 (6 jobs), kept from the committed json: 1234abc (9 jobs)" in data["header"]
+    assert str(tmp_path) not in (results / "multi_table.md").read_text()
+
+
+def test_multi_own_task_table_by_hand() -> None:
+    study = real_study.make_study("multi", "folder:camvid")
+    src = real_study.SOURCES
+    own = {"mdp": {s: {d: {"mIoU": 10.0 * (k + 1) + s, "stats": {"class_mean_cos_mean": 0.5 + s / 10}}
+                       for k, d in enumerate(src)} for s in (0, 1)}}
+    text = real_study.own_task_markdown(own, study)
+    # per source: the mean over seeds 0 and 1 of mIoU (10 + s, 20 + s, 30 + s) and cos (0.5, 0.6)
+    assert "| MDP | 10.50 / 0.550 | 20.50 / 0.550 | 30.50 / 0.550 |" in text
+
+
+@pytest.mark.parametrize("learned_at, chosen", [(240, 240), (960, 960), (None, 960)])
+def test_choose_finetune_rule(tmp_path: Path, monkeypatch, learned_at, chosen) -> None:
+    """The first candidate at which scratch learns >= 6 classes at IoU >= 10; the last if none."""
+    calls = []
+
+    def fake_eval(ckpt, seed, out, dataset, data_root, scale, evals, specs):
+        steps = specs["CamVid all"][3]
+        calls.append(steps)
+        n = 6 if steps == learned_at else 5
+        iou = {f"c{i}": (10.0 if i < n else 9.9) for i in range(11)}
+        return {"CamVid all": {"mIoU": float(steps), "IoU": iou}}
+    monkeypatch.setattr(real_study, "evaluate_all", fake_eval)
+    real_study.main(["--study", "multi", "--choose", "finetune", "--work-dir", str(tmp_path),
+                     "--results-dir", str(tmp_path)])
+    rec = json.loads((tmp_path / "multi_protocol.json").read_text())["finetune"]
+    assert rec["chosen"] == chosen and calls == [s for s in (240, 480, 960) if s <= chosen]
+    assert len(rec["tried"][str(chosen)]["learned"]) == (6 if learned_at else 5)
+
+
+@pytest.mark.parametrize("gain, chosen", [(2.0, 2400), (1.9, 1200)])
+def test_choose_pretrain_rule(tmp_path: Path, monkeypatch, gain, chosen) -> None:
+    """The longer length only if CE's mean own task over the three sources gains >= 2 points."""
+    monkeypatch.setattr(real_study, "pretrain", lambda *a, **kw: None)
+
+    def fake_own(argv):
+        steps = 2400 if "ce_iters2400" in argv[0] else 1200
+        out = Path(argv[argv.index("--out") + 1])
+        k = real_study.SOURCES.index(argv[argv.index("--dataset") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"mIoU": 30.0 + k + (gain if steps == 2400 else 0.0)}))
+    monkeypatch.setattr(real_study.pretrain_eval, "main", fake_own)
+    real_study.main(["--study", "multi", "--choose", "pretrain", "--work-dir", str(tmp_path),
+                     "--results-dir", str(tmp_path)])
+    rec = json.loads((tmp_path / "multi_protocol.json").read_text())["pretrain"]
+    assert rec["chosen"] == chosen and rec["gain"] == pytest.approx(gain)
+    assert rec["tried"]["1200"]["mean"] == pytest.approx(31.0)
