@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
 def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     def cell(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
-    command = shlex.join(["python", "scripts/real_diagnosis.py", *sys.argv[1:]])
+    command = shlex.join(["python", "scripts/real_diagnosis.py", *sys.argv[1:]]).replace(
+        str(args.work_dir), "RUNS").replace(str(args.data_root), "DATA")  # no machine's paths
     lines = [f"MDP diagnosis on CamVid: `{command}`, table built at commit {git_commit()}, "
              f"jobs run at {job_commits(args.work_dir)}. Seed {args.seed} only; every row is the "
              f"real study's protocol (results/real_table.md) with one change; rows marked post "

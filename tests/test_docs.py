@@ -54,3 +54,15 @@ def test_no_document_links_outside_the_repository() -> None:
         for link in links:  # relative markdown links resolve inside the repository
             if not re.match(r"\w+://", link):
                 assert (doc.parent / link).exists(), (doc.name, link)
+
+
+def test_results_pages_link_inside_the_repository() -> None:
+    """The study pages under results/ (one link from the README) resolve their relative links
+    inside the repository, and carry no machine's paths."""
+    for doc in ROOT.glob("results/*.md"):
+        text = doc.read_text()
+        assert "/root/" not in text and "/work/" not in text and "/home/" not in text, doc.name
+        for link in re.findall(r"\]\(([^)#]+)\)", text):
+            if not re.match(r"\w+://", link):
+                target = (doc.parent / link).resolve()
+                assert target.is_relative_to(ROOT) and target.exists(), (doc.name, link)
