@@ -13,7 +13,6 @@ dataset) and shards them over DDP ranks. toy.py writes toy data in the real layo
 import argparse
 import bisect
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +145,9 @@ class SegReader(Dataset):
         lut, valid = self._table_for(lbl_path)
         bad = raw[~valid[raw]]
         if bad.size:
-            k = len(self.classes)
-            raise ValueError(f"{lbl_path}: label value {bad[0]} is not a {self.name} class id (0..{k - 1}) or 255")
+            ids = np.flatnonzero(valid[:RAW_IGNORE])  # the raw ids this file may hold, 0..n
+            raise ValueError(f"{lbl_path}: mask value {bad[0]} is not a class id of {self.name} "
+                             f"({ids[0]}-{ids[-1]}) or the ignore value {RAW_IGNORE}")
         return image, lut[raw]
 
 
@@ -394,6 +394,12 @@ def draw_labels(img8: torch.Tensor, label: torch.Tensor, colours: list[tuple[int
     return draw_segmentation_masks(img8, masks, alpha=0.6, colors=[colours[c] for c in present])
 
 
+def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
+    """Fixed, distinct colours per global class (train_pretrain --show-batch, mine.py)."""
+    gen = torch.Generator().manual_seed(0)
+    return [tuple(c) for c in torch.randint(40, 256, (num_classes, 3), generator=gen).tolist()]
+
+
 def voc_palette() -> list[int]:
     """The 256-entry PASCAL VOC colour map (bit-interleaved), as PIL putpalette expects."""
     pal = []
@@ -493,8 +499,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from utils import run_cli  # one clear line, no traceback
+
+    run_cli(main)

@@ -105,9 +105,10 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=1,
                         num_workers=workers, generator=torch.Generator())  # spares the global RNG
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    with torch.random.fork_rng(devices=[]):  # eval transforms may draw: keep training's stream
-        for n, (image, label, _) in enumerate(tqdm(loader, desc="eval", leave=False,
-                                                   disable=not utils.is_main())):
+    # eval transforms may draw: keep training's stream; the bar closes before an error prints
+    with torch.random.fork_rng(devices=[]), tqdm(loader, desc="eval", leave=False,
+                                                 disable=not utils.is_main()) as bar:
+        for n, (image, label, _) in enumerate(bar):
             image, label = image.to(device), label.to(device)  # (1, 3, h, w), (1, H, W)
             pred = predict(model, image, label.shape[-2:], window, stride, amp)  # (1, H, W)
             cm += confusion_matrix(pred, label, num_classes)

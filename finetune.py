@@ -95,6 +95,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help="SyncBatchNorm (default on under DDP on CUDA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="skip reading every val and training image and mask (only the subset of "
+                        "--train-fraction / --train-images) once before step 1")
     return p.parse_args(argv)
 
 
@@ -294,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         load_init(model, args.ckpt, kind, state)
     model.to(device)
     if args.eval_only:
+        if not args.skip_data_check:
+            utils.check_data([val_reader], args.workers)
         out_dir = Path(args.out_dir or Path(args.ckpt).parent / "eval")
         res = summarise(evaluate(model, val_set, len(names), device, **eval_options(args, device),
                                  overlay_dir=out_dir / "overlays",
@@ -350,6 +355,8 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
         keep_subset(reader, args, out_dir)
     train_set = MultiDataset([reader], train_transform(tuple(args.base_size),
                                                        tuple(args.crop_size)))
+    if not args.skip_data_check:  # the images this run reads: a bad one ends it here, named
+        utils.check_data([reader, *val_set.readers], args.workers)
     use_cuda = device.type == "cuda"
     amp = utils.amp_dtype(args.amp, device)
     args.amp_dtype = utils.amp_name(amp)  # what `auto` chose, recorded in config.json
@@ -409,47 +416,47 @@ def train(args: argparse.Namespace, model: nn.Module, val_set: Dataset, names: l
               f"{args.dataset}: {len(names)} classes, {len(train_set)} train / {len(val_set)} "
               f"val images, {world} x {args.batch_size} per step, {args.iters} steps, crop "
               f"{args.crop_size}, on {device}, {args.amp_dtype}")
-    bar = tqdm(total=args.iters, initial=step, disable=not utils.is_main(), dynamic_ncols=True)
-    ddp.train()
-    while step < args.iters:
-        epoch, loader = utils.epoch_loader(train_set, sampler, step, args.batch_size, args.seed,
-                                           args.workers, pin_memory=use_cuda)
-        for images, labels, _ in loader:
-            images, labels = images.to(device), labels.to(device)  # (B, 3, H, W), (B, H, W)
-            if use_cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with utils.autocast(device, amp):
-                logits = ddp(images)["out"]  # (B, K, H, W) at the input size
-            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                                   align_corners=False)
-            # sum / count: an all-IGNORE batch gives 0, not the NaN of a mean over nothing
-            valid = (labels != IGNORE).sum().clamp(min=1)
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / valid
-            first_bad = utils.note_non_finite(first_bad, loss, step)  # checked when logging/saving
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            log_now = step % args.log_interval == 0 or step == args.iters
-            eval_now = step % args.eval_interval == 0 or step == args.iters
-            if not (log_now or eval_now):
-                continue
-            utils.stop_if_non_finite(first_bad, out_dir / "last.pth")
-            if log_now:
-                lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                logger.log(step=step, epoch=epoch, loss=loss.item(), lr=lr)
-            if eval_now:
-                validate()
-            if utils.broadcast_flag(stop.requested, device):
-                checkpoint(out_dir / "last.pth", None)
-                utils.exit_preempted(out_dir / "last.pth", step, str(out_dir / "last.pth"))
-            if step >= args.iters:
-                break
-    bar.close()
+    with tqdm(total=args.iters, initial=step, disable=not utils.is_main(),
+              dynamic_ncols=True) as bar:  # closed before an error is printed
+        ddp.train()
+        while step < args.iters:
+            epoch, loader = utils.epoch_loader(train_set, sampler, step, args.batch_size, args.seed,
+                                               args.workers, pin_memory=use_cuda)
+            for images, labels, _ in loader:
+                images, labels = images.to(device), labels.to(device)  # (B, 3, H, W), (B, H, W)
+                if use_cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with utils.autocast(device, amp):
+                    logits = ddp(images)["out"]  # (B, K, H, W) at the input size
+                logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+                # sum / count: an all-IGNORE batch gives 0, not the NaN of a mean over nothing
+                valid = (labels != IGNORE).sum().clamp(min=1)
+                loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / valid
+                first_bad = utils.note_non_finite(first_bad, loss, step)  # read at log / eval
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                log_now = step % args.log_interval == 0 or step == args.iters
+                eval_now = step % args.eval_interval == 0 or step == args.iters
+                if not (log_now or eval_now):
+                    continue
+                utils.stop_if_non_finite(first_bad, out_dir / "last.pth")
+                if log_now:
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                    logger.log(step=step, epoch=epoch, loss=loss.item(), lr=lr)
+                if eval_now:
+                    validate()
+                if utils.broadcast_flag(stop.requested, device):
+                    checkpoint(out_dir / "last.pth", None)
+                    utils.exit_preempted(out_dir / "last.pth", step, str(out_dir / "last.pth"))
+                if step >= args.iters:
+                    break
 
 
 if __name__ == "__main__":

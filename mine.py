@@ -26,8 +26,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import utils
-from datasets import IGNORE, READERS, MultiDataset, _open, build_reader
+from datasets import (IGNORE, READERS, LabelSpace, MultiDataset, _open, build_reader,
+                      class_colours, denormalize, draw_labels, eval_transform)
 from losses import _masked_logits, downsample_labels, prototype_contrast_loss
+from mdp import MDPNet
 from prototypes import LogitScale, prototypes_from_state
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -153,8 +155,6 @@ def picture(x: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor,
     """The image | its pseudo-labels (IGNORE left clear) | the confidence (white = 1) | the legend.
     x (3, H, W) normalised; labels, conf (1, h, w) at feature resolution, upsampled nearest: each
     feature paints its stride x stride cell (M4's convention)."""
-    from datasets import denormalize, draw_labels
-
     size = tuple(x.shape[1:])
     img8 = (denormalize(x) * 255).round().to(torch.uint8)  # (3, H, W)
     over = draw_labels(img8, downsample_labels(labels, size)[0], colours)
@@ -169,10 +169,6 @@ def picture(x: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from datasets import LabelSpace, eval_transform
-    from mdp import MDPNet
-    from train_pretrain import class_colours  # here: train_pretrain imports this module
-
     p = utils.ArgumentParser(description="write the pseudo-labels that a pretraining checkpoint's "
                                          "prototypes give unlabelled images (METHOD.md M10)")
     p.add_argument("--ckpt", required=True, help="a train_pretrain.py checkpoint of --method mdp")

@@ -20,6 +20,8 @@ labels, so a CUDA step runs under `torch.cuda.set_sync_debug_mode("error")`.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 IGNORE = -1  # == datasets.IGNORE; local copy so mixing depends on nothing but torch
@@ -184,3 +186,34 @@ def hard_labels(y_a: torch.Tensor, y_b: torch.Tensor, w: torch.Tensor) -> torch.
     """(B, H, W) hard labels for the prototype bank (M3, M6): y_a where w == 1 (then y_b == y_a or
     carries no weight), IGNORE on pixel-mixed pixels, which never update prototypes."""
     return torch.where(w == 1, y_a, torch.full_like(y_a, IGNORE))
+
+
+def show_batch(dataset, n: int, mix: str, gen: torch.Generator, out: Path, seed: int = 0,
+               dataset_weights: list[float] | None = None) -> None:
+    """Writes `out` (a PNG): the first n augmented, mixed training images beside their label
+    overlays (`train_pretrain.py --show-batch N`; M6 made visible: region boxes drawn in white,
+    pixel-level "intermediate class" areas hatched). dataset: a datasets.MultiDataset."""
+    from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+
+    import utils
+    from datasets import DatasetMixSampler, class_colours, denormalize, draw_labels
+
+    sampler = DatasetMixSampler(dataset.sizes, dataset_weights, 1, 0, seed=seed)
+    _, loader = utils.epoch_loader(dataset, sampler, 0, n, seed, workers=0)  # first batch
+    images, labels, didx = next(iter(loader))
+    images, y_a, _, w, info = mix_batch(images, labels, didx, mix, gen, return_info=True)
+    colours = class_colours(dataset.label_space.num_classes)
+    tiles = []
+    for i, img in enumerate(denormalize(images)):
+        img8 = (img * 255).round().to(torch.uint8)  # (3, H, W)
+        over = draw_labels(img8, y_a[i], colours)
+        ys, xs = torch.meshgrid(torch.arange(w.shape[1]), torch.arange(w.shape[2]), indexing="ij")
+        hatch = (w[i] < 1) & ((ys + xs) % 4 == 0)  # (H, W) intermediate-class pixels
+        over = torch.where(hatch, torch.full_like(over, 255), over)
+        if info["mode"][i] == REGION:
+            over = draw_bounding_boxes(over, info["boxes"][i:i + 1], colors="white", width=1)
+        tiles += [img8, over]
+    grid = make_grid(torch.stack(tiles).float() / 255, nrow=2, padding=2, pad_value=1.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, out)
+    print(f"wrote {out}")

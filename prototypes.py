@@ -294,3 +294,10 @@ def prototypes_from_state(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         w = state["weight"]
         return F.normalize(w, dim=1), torch.ones(w.shape[0], dtype=torch.bool)
     return state["prototypes"], state["count"] > 0
+
+
+def prototype_cosine(protos: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between two different filled prototypes, a () tensor (0 with fewer than two):
+    logged during training to follow the prototypes apart or together. protos (C, D) unit rows."""
+    pair = (filled[:, None] & filled[None, :]).float().fill_diagonal_(0)  # (C, C)
+    return ((protos @ protos.t()) * pair).sum() / pair.sum().clamp(min=1)

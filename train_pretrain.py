@@ -9,6 +9,10 @@ pixels of the whole global batch (M3) -> L = L_con (M4) + csc_weight * L_csc (M5
 their confidently mined pixels add mine_weight * L_con(pseudo-labels), feeding neither bank nor CSC.
 `--method ce|multihead|pix2pix` trains the M8 baselines with the same data, network and schedule.
 
+Every image and mask the run reads is read once before step 1 (utils.check_data): a bad file stops
+it there, named (`--skip-data-check` skips this). `--resume` refuses a flag that changes what is
+trained (FREE_ON_RESUME lists those that may change).
+
 Randomness is keyed, not streamed: augmentation by (seed, epoch, sample index), mixing and pixel
 sampling by (seed, rank, step). So `--resume` continues bit-for-bit (on CPU) whatever the number of
 data-loader workers and wherever the run was interrupted.
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 import mine
@@ -29,13 +34,13 @@ from datasets import (IGNORE, DatasetMixSampler, LabelSpace, MultiDataset, build
 from losses import (ce_loss, csc_loss, downsample_labels, multihead_loss, pix2pix_loss,
                     prototype_contrast_loss)
 from mdp import ARCHS, MDPNet, init_from_imagenet
-from mixing import hard_labels, mix_batch
-from prototypes import LogitScale, PrototypeBank, build_prototypes
+from mixing import hard_labels, mix_batch, show_batch
+from prototypes import LogitScale, PrototypeBank, build_prototypes, prototype_cosine
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = utils.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data (M1)
     p.add_argument("--datasets", nargs="+", default=["voc", "ade20k"],
                    help="voc ade20k cityscapes coco_stuff folder:PATH; label spaces concatenated")
@@ -115,6 +120,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP on CUDA")
     p.add_argument("--show-batch", type=int, default=0, metavar="N",
                    help="write OUT_DIR/batch.png with N augmented, mixed images and exit")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="skip reading every training image, mask and --unlabelled image once "
+                        "before step 1 (a bad file then stops the run when a step reads it)")
     args = p.parse_args(argv)
     if args.mix is None:
         args.mix = "both" if args.method == "mdp" else "none"
@@ -176,7 +184,8 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
     out_u (B_u, D, h, w): unlabelled embeddings (M10, MDP only), y_u (B_u, H, W): IGNORE on crop
     padding; they are mined after the bank update, which sees the labelled pixels only.
     bank: any prototype source of prototypes.build_prototypes; tau: the learned temperature
-    (--learn-tau, a () tensor) or None for args.tau. Returns the loss and its detached parts (device scalars: read them only when logging)."""
+    (--learn-tau, a () tensor) or None for args.tau. Returns the loss and its detached parts
+    (device scalars: read them only when logging)."""
     size = out.shape[-2:]
     y_a, y_b = (downsample_labels(y, size, args.label_purity) for y in (y_a, y_b))  # (B, h, w)
     w = downsample_labels(w, size)
@@ -218,13 +227,6 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
     return loss, {"loss": loss.detach(), **parts}
 
 
-def prototype_cosine(protos: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-    """Mean cosine between two different filled prototypes, a () tensor (0 with fewer than two):
-    logged during training to follow the prototypes apart or together. protos (C, D) unit rows."""
-    pair = (filled[:, None] & filled[None, :]).float().fill_diagonal_(0)  # (C, C)
-    return ((protos @ protos.t()) * pair).sum() / pair.sum().clamp(min=1)
-
-
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> MDPNet:
     with_classifier = args.method in ("ce", "multihead")
     model = MDPNet(args.arch, args.output_stride, args.embed_dim,
@@ -243,79 +245,50 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
     return model.to(device)
 
 
-def build_data(args: argparse.Namespace) -> MultiDataset:
-    return build_multidataset(args.datasets, args.data_root, "train",
-                              train_transform(tuple(args.base_size), tuple(args.crop_size)),
-                              args.label_map)
+def build_data(args: argparse.Namespace) -> tuple[MultiDataset, MultiDataset | None]:
+    """The labelled training set (M1) and the --unlabelled images (M10), None without."""
+    dataset = build_multidataset(args.datasets, args.data_root, "train",
+                                 train_transform(tuple(args.base_size), tuple(args.crop_size)),
+                                 args.label_map)
+    data_u = None
+    if args.unlabelled:
+        data_u = mine.build_unlabelled(args.unlabelled, args.data_root, train_transform(
+            tuple(args.base_size), tuple(args.crop_size)))
+    return dataset, data_u
 
 
-def describe_space(sd: dict) -> str:
-    """A LabelSpace.state_dict in words, for the resume error."""
-    m = sd.get("label_map")
-    return f"{sd['names']}" + (f" with a label map ({len(m['merge'])} merged groups, "
-                               f"{len(m['ignore'])} dropped classes)" if m else "")
+def unlabelled_batch_size(args: argparse.Namespace) -> int:
+    return round(args.mine_ratio * args.batch_size)  # per process
 
 
-def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
-    """Fixed, distinct colours per global class (show_batch, mine.py)."""
-    gen = torch.Generator().manual_seed(0)
-    return [tuple(c) for c in torch.randint(40, 256, (num_classes, 3), generator=gen).tolist()]
+def build_samplers(args: argparse.Namespace, dataset: MultiDataset, data_u: MultiDataset | None,
+                   world: int, rank: int) -> tuple[Sampler, Sampler | None, int, int]:
+    """(sampler, unlabelled sampler or None, steps per epoch, total steps); the unlabelled stream is
+    sharded like the labelled one, from its own seed. Sets --mine-warmup's default, 10% of it."""
+    sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, world, rank, seed=args.seed)
+    iters_per_epoch = utils.batches_per_epoch(dataset, sampler, args.batch_size)
+    total = args.iters or args.epochs * iters_per_epoch
+    sampler_u = None
+    if data_u is not None:
+        sampler_u = DatasetMixSampler(data_u.sizes, None, world, rank,
+                                      seed=mine.unlabelled_seed(args.seed))
+        utils.batches_per_epoch(data_u, sampler_u, unlabelled_batch_size(args))  # too few: now
+        if args.mine_warmup is None:
+            args.mine_warmup = total // 10
+    return sampler, sampler_u, iters_per_epoch, total
 
 
-def show_batch(args: argparse.Namespace, dataset: MultiDataset) -> None:
-    """Writes OUT_DIR/batch.png: N augmented, mixed images beside their label overlays (M6 made
-    visible: region boxes drawn in white, pixel-level "intermediate class" areas hatched)."""
-    from torchvision.utils import draw_bounding_boxes, make_grid, save_image
-
-    from datasets import denormalize, draw_labels
-    from mixing import REGION
-
-    n = args.show_batch
-    sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, 1, 0, seed=args.seed)
-    _, loader = utils.epoch_loader(dataset, sampler, 0, n, args.seed, workers=0)  # first batch
-    images, labels, didx = next(iter(loader))
-    images, y_a, _, w, info = mix_batch(images, labels, didx, args.mix,
-                                        step_generator(args.seed, 0, 0), return_info=True)
-    colours = class_colours(dataset.label_space.num_classes)
-    tiles = []
-    for i, img in enumerate(denormalize(images)):
-        img8 = (img * 255).round().to(torch.uint8)  # (3, H, W)
-        over = draw_labels(img8, y_a[i], colours)
-        ys, xs = torch.meshgrid(torch.arange(w.shape[1]), torch.arange(w.shape[2]), indexing="ij")
-        hatch = (w[i] < 1) & ((ys + xs) % 4 == 0)  # (H, W) intermediate-class pixels
-        over = torch.where(hatch, torch.full_like(over, 255), over)
-        if info["mode"][i] == REGION:
-            over = draw_bounding_boxes(over, info["boxes"][i:i + 1], colors="white", width=1)
-        tiles += [img8, over]
-    grid = make_grid(torch.stack(tiles).float() / 255, nrow=2, padding=2, pad_value=1.0)
-    out = Path(args.out_dir) / "batch.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, out)
-    print(f"wrote {out}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv)
-    rank, world, device = utils.init_distributed()
-    out_dir = Path(args.out_dir)
-    dataset = build_data(args)
-    label_space: LabelSpace = dataset.label_space
-    if args.show_batch:
-        if utils.is_main():
-            show_batch(args, dataset)
-        return utils.cleanup_distributed()
-
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_model(args, label_space.num_classes, device)
+def build_optimization(args: argparse.Namespace, model: MDPNet, num_classes: int, total: int,
+                       device: torch.device) -> tuple[torch.nn.Module, dict, torch.dtype | None]:
+    """(the module to run forward through: DDP / compiled, or the model; the training states by
+    checkpoint key; the autocast dtype). The prototype source (M3 bank or [ours]) for MDP and the
+    learned temperature sit in optimizer groups of their own, without weight decay."""
     bank = logit_scale = None
-    if args.method == "mdp":  # M3, or an [ours] prototype source
-        bank = build_prototypes(args.prototypes, label_space.num_classes, args.embed_dim,
-                                args.bank_size, args.seed).to(device)
+    if args.method == "mdp":
+        bank = build_prototypes(args.prototypes, num_classes, args.embed_dim, args.bank_size,
+                                args.seed).to(device)
     if args.learn_tau:
         logit_scale = LogitScale(args.tau).to(device)
-    # learned prototypes and temperature live outside DDP: gradients averaged by hand, no decay
-    extra = [q for m in (bank, logit_scale) if m is not None for q in m.parameters()]
-    use_cuda = device.type == "cuda"
     model, ddp = utils.wrap_model(model, device, args.sync_bn)
     groups = [{"params": list(model.parameters())}]
     if bank is not None and list(bank.parameters()):
@@ -329,18 +302,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                                       foreach=True)
-
-    sampler = DatasetMixSampler(dataset.sizes, args.dataset_weights, world, rank, seed=args.seed)
-    iters_per_epoch = utils.batches_per_epoch(dataset, sampler, args.batch_size)
-    total = args.iters or args.epochs * iters_per_epoch
-    if args.unlabelled:  # M10: a second keyed stream, sharded like the labelled one
-        data_u = mine.build_unlabelled(args.unlabelled, args.data_root, train_transform(
-            tuple(args.base_size), tuple(args.crop_size)))
-        seed_u, batch_u = mine.unlabelled_seed(args.seed), round(args.mine_ratio * args.batch_size)
-        sampler_u = DatasetMixSampler(data_u.sizes, None, world, rank, seed=seed_u)
-        utils.batches_per_epoch(data_u, sampler_u, batch_u)  # too few images: fail now
-        if args.mine_warmup is None:
-            args.mine_warmup = total // 10
     scheduler = utils.build_scheduler(optimizer, args.schedule, total, args.warmup_iters,
                                       min_lr=args.min_lr)
     amp = utils.amp_dtype(args.amp, device)
@@ -348,95 +309,128 @@ def main(argv: list[str] | None = None) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if args.compile:
         ddp = torch.compile(ddp)  # `model` stays the plain module: checkpoints keep their keys
+    return ddp, dict(model=model, bank=bank, logit_scale=logit_scale, optimizer=optimizer,
+                     scheduler=scheduler, scaler=scaler), amp
 
-    step = 0
-    resume = args.resume
+
+def describe_space(sd: dict) -> str:
+    """A LabelSpace.state_dict in words, for the resume error."""
+    m = sd.get("label_map")
+    return f"{sd['names']}" + (f" with a label map ({len(m['merge'])} merged groups, "
+                               f"{len(m['ignore'])} dropped classes)" if m else "")
+
+
+# What a resumed run may change: where and how it runs, not what it trains. --iters / --epochs may
+# grow, to continue a run (with a constant lr that equals one longer run; tests/test_mine.py and
+# test_label_map.py do so). --datasets, --label-map and --data-root are compared through the label
+# space (dataset names, classes, merged map), not as paths, so data may move; --amp through the
+# precision it chose (amp_dtype). Every other flag must equal the checkpoint's.
+FREE_ON_RESUME = ("out_dir", "resume", "workers", "log_interval", "save_interval",
+                  "skip_data_check", "compile", "show_batch", "iters", "epochs", "amp", "datasets",
+                  "label_map", "data_root")
+
+
+def maybe_resume(args: argparse.Namespace, states: dict, label_space: LabelSpace) -> int:
+    """--resume PATH, or auto (OUT_DIR/last.pth if present): loads every non-None entry of
+    `states` and the RNG state; returns the step to continue from (0: a fresh run). Refuses another
+    label space and other training flags (FREE_ON_RESUME)."""
+    out_dir, resume = Path(args.out_dir), args.resume
     if resume == "auto":  # pre-emptible jobs: resume if a checkpoint exists, else start
         resume = out_dir / "last.pth" if (out_dir / "last.pth").is_file() else None
-    if resume:
-        ckpt = utils.load_checkpoint(resume)  # on CPU: the RNG states must stay CPU tensors
-        if ckpt.get("task") != "pretrain":
-            raise utils.CheckpointError(f"{resume} is not a pretraining checkpoint")
-        if ckpt["label_space"] != label_space.state_dict():
-            old, new = describe_space(ckpt["label_space"]), describe_space(label_space.state_dict())
-            maps_differ = ckpt["label_space"].get("label_map") != label_space.label_map
-            raise utils.CheckpointError(f"{resume} was trained on {old}, not {new}"
-                                        + (" (the label maps differ)" if old == new and maps_differ else ""))
-        model.load_state_dict(ckpt["model"])
-        if bank is not None:
-            bank.load_state_dict(ckpt["bank"])
-        if logit_scale is not None:
-            logit_scale.load_state_dict(ckpt["logit_scale"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        utils.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        if utils.is_main():
-            print(f"resumed from {resume} at step {step}")
-    utils.save_config(args, out_dir)
-    logger = utils.JsonlLogger(out_dir / "log.jsonl", append=step > 0)
-    class_dataset = label_space.membership.to(device)  # (C, num_datasets): merged classes (M1, M5)
-    stop = utils.StopFlag()
-
-    def checkpoint() -> None:
-        utils.save_checkpoint({
-            "task": "pretrain", "model": model.state_dict(),
-            "bank": bank.state_dict() if bank is not None else None,
-            "logit_scale": logit_scale.state_dict() if logit_scale is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "rng": utils.rng_state(),
-            "label_space": label_space.state_dict(), "args": vars(args)}, out_dir / "last.pth")
-
+    if not resume:
+        return 0
+    ckpt = utils.load_checkpoint(resume)  # on CPU: the RNG states must stay CPU tensors
+    if ckpt.get("task") != "pretrain":
+        raise utils.CheckpointError(f"{resume} is not a pretraining checkpoint")
+    if ckpt["label_space"] != label_space.state_dict():
+        old, new = describe_space(ckpt["label_space"]), describe_space(label_space.state_dict())
+        maps_differ = ckpt["label_space"].get("label_map") != label_space.label_map
+        raise utils.CheckpointError(f"{resume} was trained on {old}, not {new}"
+                                    + (" (the label maps differ)" if old == new and maps_differ else ""))
+    utils.check_same_flags(resume, ckpt.get("args") or {}, vars(args), FREE_ON_RESUME,
+                           vars(get_args([])), {"amp_dtype": "--amp"})
+    for k, m in states.items():  # model, bank, logit_scale, optimizer, scheduler, scaler
+        if m is not None:
+            m.load_state_dict(ckpt[k])
+    utils.set_rng_state(ckpt["rng"])
     if utils.is_main():
-        print(f"{args.method} on {describe_space(label_space.state_dict())}: "
-              f"C={label_space.num_classes} classes, "
-              f"{sum(dataset.sizes)} images, {world} process(es) x {args.batch_size}, "
-              f"{total} steps ({iters_per_epoch}/epoch) on {device}, {args.amp_dtype}")
-        if args.unlabelled:
-            print(f"mining {sum(data_u.sizes)} unlabelled images ({' '.join(args.unlabelled)}), "
-                  f"{batch_u} per process and step from step {args.mine_warmup}")
+        print(f"resumed from {resume} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def run_step(args: argparse.Namespace, ddp: torch.nn.Module, states: dict,
+             amp: torch.dtype | None, batch: tuple, batch_u: tuple | None, step: int,
+             class_dataset: torch.Tensor, extra: list[torch.nn.Parameter], device: torch.device
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step (M7) on this rank: mix (M6) -> embed (M2) -> loss (M3-M5, M10) -> update.
+    batch: images (B, 3, H, W), labels (B, H, W), dataset index (B,); batch_u: unlabelled images
+    (B_u, 3, H, W) and labels (B_u, H, W), or None; class_dataset: (C, num_datasets) membership.
+    Returns the loss and its parts, device scalars."""
+    bank, logit_scale = states["bank"], states["logit_scale"]
+    optimizer, scaler = states["optimizer"], states["scaler"]
+    gen = step_generator(args.seed, utils.get_rank(), step)
+    images, labels, didx = batch
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    images, y_a, y_b, w = mix_batch(images, labels, didx, args.mix, gen,
+                                    num_classes=class_dataset.shape[0])
+    n_lab, y_u, out_u = images.shape[0], None, None
+    if batch_u is not None:
+        images_u, y_u = (t.to(device, non_blocking=True) for t in batch_u)
+        images = torch.cat([images, images_u])  # one forward pass (M10), no mixing
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with utils.autocast(device, amp):
+        out = ddp(images)
+    out = out.float()
+    if y_u is not None:
+        out, out_u = out[:n_lab], out[n_lab:]
+    loss, parts = compute_loss(args, out, y_a, y_b, w, bank, class_dataset, gen, out_u, y_u,
+                               logit_scale and logit_scale.tau)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    utils.average_gradients(extra)
+    scaler.step(optimizer)
+    scaler.update()
+    states["scheduler"].step()
+    return loss, parts
+
+
+def train_loop(args: argparse.Namespace, ddp: torch.nn.Module, states: dict,
+               amp: torch.dtype | None, dataset: MultiDataset, sampler: Sampler,
+               data_u: MultiDataset | None, sampler_u: Sampler | None, step: int, total: int,
+               device: torch.device) -> None:
+    """Steps `step` to `total`: logs every --log-interval steps, saves OUT_DIR/last.pth every
+    --save-interval steps and at the end; on SIGTERM saves and exits (utils.exit_preempted)."""
+    out_dir, world, use_cuda = Path(args.out_dir), utils.get_world_size(), device.type == "cuda"
+    logger = utils.JsonlLogger(out_dir / "log.jsonl", append=step > 0)
+    class_dataset = dataset.label_space.membership.to(device)  # (C, num_datasets): merged (M1, M5)
+    # learned prototypes and temperature live outside DDP: gradients averaged by hand
+    extra = [q for k in ("bank", "logit_scale") if states[k] is not None
+             for q in states[k].parameters()]
+    stop = utils.StopFlag()
     # No host sync in a step: loss parts stay on the device, and the finite-loss check and the
     # SIGTERM broadcast run only where the loop logs or saves anyway.
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # utils.note_non_finite
     with tqdm(total=total, initial=step, disable=not utils.is_main(), dynamic_ncols=True) as bar:
         ddp.train()
-        t0, seen = time.time(), 0
+        t0, seen = time.time(), 0  # labelled images, all processes: the throughput's unit
         stream_u = None  # unlabelled batches, made at the first mining step (none in the warm-up)
         while step < total:
             epoch, loader = utils.epoch_loader(dataset, sampler, step, args.batch_size, args.seed,
                                                args.workers, pin_memory=use_cuda)
             for images, labels, didx in loader:
-                gen = step_generator(args.seed, rank, step)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                images, y_a, y_b, w = mix_batch(images, labels, didx, args.mix, gen,
-                                                num_classes=label_space.num_classes)
-                n_lab, y_u = images.shape[0], None
-                if args.unlabelled and step >= args.mine_warmup:
+                batch_u = None
+                if data_u is not None and step >= args.mine_warmup:
                     if stream_u is None:  # unlabelled batch k goes with step warm-up + k
                         stream_u = mine.unlabelled_batches(
-                            data_u, sampler_u, step - args.mine_warmup, batch_u, seed_u,
-                            args.workers, use_cuda)
-                    images_u, y_u = (t.to(device, non_blocking=True) for t in next(stream_u))
-                    images = torch.cat([images, images_u])  # one forward pass (M10), no mixing
-                if use_cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with utils.autocast(device, amp):
-                    out = ddp(images)
-                out, out_u = out.float(), None
-                if y_u is not None:
-                    out, out_u = out[:n_lab], out[n_lab:]
-                loss, parts = compute_loss(args, out, y_a, y_b, w, bank, class_dataset, gen,
-                                           out_u, y_u, logit_scale and logit_scale.tau)
+                            data_u, sampler_u, step - args.mine_warmup, unlabelled_batch_size(args),
+                            mine.unlabelled_seed(args.seed), args.workers, use_cuda)
+                    batch_u = next(stream_u)
+                loss, parts = run_step(args, ddp, states, amp, (images, labels, didx), batch_u,
+                                       step, class_dataset, extra, device)
                 first_bad = utils.note_non_finite(first_bad, loss, step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                utils.average_gradients(extra)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
                 step += 1
-                seen += images.shape[0] * world
+                seen += images.shape[0] * world  # the unlabelled images are not counted
                 bar.update(1)
                 log_now = step % args.log_interval == 0 or step == total
                 save_now = step % args.save_interval == 0 or step == total
@@ -445,22 +439,58 @@ def main(argv: list[str] | None = None) -> None:
                 utils.stop_if_non_finite(first_bad, out_dir / "last.pth")
                 if log_now:
                     ips = seen / (time.time() - t0)
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = states["optimizer"].param_groups[0]["lr"]
                     parts = {k: v.item() for k, v in parts.items()}
                     mined = {k: f"{parts[k]:.2f}" for k in ("mined_frac",) if k in parts}
-                    bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
-                                    **mined)
-                    logger.log(step=step, epoch=epoch, lr=lr, img_per_s=ips, **parts)
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}",
+                                    labelled_img_s=f"{ips:.1f}", **mined)
+                    logger.log(step=step, epoch=epoch, lr=lr, labelled_img_per_s=ips, **parts)
                 preempted = utils.broadcast_flag(stop.requested, device)
                 if save_now or preempted:
-                    checkpoint()
+                    utils.save_checkpoint({"task": "pretrain", **{
+                        k: None if m is None else m.state_dict() for k, m in states.items()},
+                        "step": step, "rng": utils.rng_state(),
+                        "label_space": dataset.label_space.state_dict(), "args": vars(args)},
+                        out_dir / "last.pth")
                 if preempted:
                     utils.exit_preempted(out_dir / "last.pth", step, "auto")
                 if step >= total:
                     break
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
+    rank, world, device = utils.init_distributed()
+    dataset, data_u = build_data(args)
+    space: LabelSpace = dataset.label_space
+    if args.show_batch:
+        if utils.is_main():
+            show_batch(dataset, args.show_batch, args.mix, step_generator(args.seed, 0, 0),
+                       Path(args.out_dir) / "batch.png", args.seed, args.dataset_weights)
+        return utils.cleanup_distributed()
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args, space.num_classes, device)
+    sampler, sampler_u, iters_per_epoch, total = build_samplers(args, dataset, data_u, world, rank)
+    ddp, states, amp = build_optimization(args, model, space.num_classes, total, device)
+    step = maybe_resume(args, states, space)
+    if not args.skip_data_check:  # a bad file ends the run here, named, not when a step reads it
+        utils.check_data(dataset.readers + (data_u.readers if data_u else []), args.workers)
+    utils.save_config(args, args.out_dir)
+
     if utils.is_main():
-        print(f"done: {out_dir / 'last.pth'} (export the backbone with "
-              f"`python mdp.py export --ckpt {out_dir / 'last.pth'} --out resnet50_mdp.pth`)")
+        print(f"{args.method} on {describe_space(space.state_dict())}: C={space.num_classes} "
+              f"classes, {sum(dataset.sizes)} images, {world} process(es) x {args.batch_size}, "
+              f"{total} steps ({iters_per_epoch}/epoch) on {device}, {args.amp_dtype}")
+        if data_u is not None:
+            print(f"mining {sum(data_u.sizes)} unlabelled images ({' '.join(args.unlabelled)}), "
+                  f"{unlabelled_batch_size(args)} per process and step from step "
+                  f"{args.mine_warmup}")
+    train_loop(args, ddp, states, amp, dataset, sampler, data_u, sampler_u, step, total, device)
+    if utils.is_main():
+        last = Path(args.out_dir) / "last.pth"
+        print(f"done: {last} (export the backbone with `python mdp.py export --ckpt {last} "
+              f"--out {args.arch}_{args.method}.pth`)")
     utils.cleanup_distributed()
 
 

@@ -1,4 +1,5 @@
-"""Run plumbing shared by train_pretrain.py and finetune.py: DDP set-up, checkpoints, logging, RNG.
+"""Run plumbing shared by train_pretrain.py and finetune.py: DDP set-up, the data check, checkpoints,
+logging, RNG.
 
 `python script.py` is one process; `torchrun --nproc_per_node=N script.py` gives DDP (env:// init,
 gloo on CPU, nccl on CUDA). Every collective is guarded so a single process never touches
@@ -19,6 +20,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,14 +162,80 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Runs `main`; bad input ends with one `error: ...` line on stderr and exit code 2."""
+    """Runs `main`; bad input ends with one `error: ...` line on stderr and exit code 2, the last
+    thing printed: progress bars still open are closed first (else one redraws itself after it)."""
     try:
         main()
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # tqdm's registry of open bars
+            bar.close()
         msg = e.args[0] if e.args else repr(e)
         print(f"error: {msg}", file=sys.stderr, flush=True)
         cleanup_distributed()
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# data check
+
+
+class _ReadItem(torch.utils.data.Dataset):
+    """Item k of the readers, concatenated -> (k, None) when reader[i] reads, else (k, the error
+    in one line)."""
+
+    def __init__(self, readers: list):
+        self.readers = readers
+        self.items = [(r, i) for r, reader in enumerate(readers) for i in range(len(reader))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple[int, str | None]:
+        r, i = self.items[k]
+        try:
+            self.readers[r][i]  # the readers' own loading: decode, mode, size, mask values
+        except (ValueError, FileNotFoundError) as e:  # the readers' errors name the file
+            return k, str(e)
+        except Exception as e:  # what else training would die of, e.g. a decompression bomb
+            f = self.readers[r].files[i]
+            return k, f"{f[0] if isinstance(f, tuple) else f}: {type(e).__name__}: {e}"
+        return k, None
+
+
+def check_data(readers: list, workers: int) -> None:
+    """Reads every item of `readers` (datasets.SegReader, mine.UnlabelledImages) once, in `workers`
+    loader processes, so that an unreadable image or a mask value that is no class id of its
+    dataset ends the run before step 1, naming the file, and not hours into it. The readers'
+    own __getitem__ decides: what training accepts passes, what would crash or mislabel fails.
+    The first bad item in reader order is a ValueError; under DDP each rank reads every world-th
+    item, rank 0 prints the `error:` line (as run_cli would) and every rank exits with code 2."""
+    rank, world = get_rank(), get_world_size()
+    items = _ReadItem(readers)
+    share = range(rank, len(items), world)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(items, share), batch_size=8, num_workers=workers,
+        collate_fn=list, generator=torch.Generator())  # in order; spares the global RNG
+    first = None  # (item index, error): the first bad item of this rank's share
+    with tqdm(total=len(share), desc="data check", unit="img", disable=not is_main(),
+              dynamic_ncols=True) as bar:
+        for batch in loader:
+            first = next(((k, e) for k, e in batch if e is not None), None)
+            if first is not None:
+                break  # the bar closes before the error is printed
+            bar.update(len(batch))
+    if dist_on():
+        found: list = [None] * world
+        dist.all_gather_object(found, first)
+        first = min((f for f in found if f is not None), default=None)
+    if first is None:
+        return
+    if not dist_on():
+        raise ValueError(first[1])  # run_cli says it
+    if is_main():
+        print(f"error: {first[1]}", file=sys.stderr, flush=True)
+    barrier()  # no rank exits before rank 0 has said why (torchrun then stops the others)
+    cleanup_distributed()
+    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +257,25 @@ def stop_if_non_finite(first_bad: torch.Tensor, last_ckpt: str | Path) -> None:
     if bad.item() > 0:
         raise ValueError(f"loss became non-finite at step {bad.item()}; the last good checkpoint "
                          f"{last_ckpt} is left as it was")
+
+
+def check_same_flags(ckpt: str | Path, old: dict, new: dict, free: tuple[str, ...],
+                     defaults: dict, names: dict[str, str] | None = None) -> None:
+    """Refuses to resume `ckpt`, trained with the args `old`, under args `new` that differ in a key
+    outside `free`: one line naming the flag (`names`, else --key) and both values. A key the
+    checkpoint predates counts as its default; one neither has nor knows is skipped."""
+    def show(v: Any) -> str:
+        return "(unset)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    for k, value in new.items():
+        if k in free or (k not in old and k not in defaults):
+            continue
+        before = old.get(k, defaults.get(k))
+        if before != value:
+            flag = (names or {}).get(k, "--" + k.replace("_", "-"))
+            raise CheckpointError(f"{ckpt} was trained with {flag} {show(before)}, not "
+                                  f"{show(value)}: resume it unchanged, or start a new run in "
+                                  f"another --out-dir")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

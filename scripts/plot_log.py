@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import ArgumentParser, run_cli  # noqa: E402  (one-line errors)
 
-NOT_CURVES = {"step", "epoch", "img_per_s"}  # x axis, bookkeeping, throughput
+NOT_CURVES = {"step", "epoch", "labelled_img_per_s", "img_per_s"}  # x axis, bookkeeping, throughput
 COLOURS = [(66, 133, 244), (219, 68, 55), (15, 157, 88), (244, 160, 0), (171, 71, 188),
            (0, 172, 193), (120, 120, 120)]
 PANEL_W, PANEL_H, COLS, LEGEND_ROW = 420, 260, 2, 16

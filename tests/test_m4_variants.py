@@ -19,8 +19,9 @@ from test_train_pretrain import (ROOT, TINY, assert_resume_equals, assert_same_s
                                  one_error_line, run)
 
 from prototypes import (FixedAnchors, LearnedPrototypes, LogitScale, PrototypeBank,
-                        build_prototypes, prototypes_from_state, random_orthonormal)
-from train_pretrain import compute_loss, prototype_cosine
+                        build_prototypes, prototype_cosine, prototypes_from_state,
+                        random_orthonormal)
+from train_pretrain import compute_loss
 
 IGNORE = -1
 

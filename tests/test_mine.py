@@ -125,7 +125,7 @@ def test_mined_loss_and_gradient_match_a_per_pixel_loop(threshold: float) -> Non
     z, protos = unit_map(2, 5, 3, 4, seed=8), unit(7, 5, seed=9)
     valid = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(0)) > 0.25
     args = (valid, protos, FILLED, 0.2, threshold)
-    (loss, frac), (want, want_frac) = mine.mined_loss(z, *args), naive_mined(z, *args)
+    (_, frac), (_, want_frac) = mine.mined_loss(z, *args), naive_mined(z, *args)
     assert frac.item() == pytest.approx(want_frac)
     assert (0 < want_frac < 1) == (threshold == 0.5)  # some mined, not all
     lf, (gf,) = grads(lambda t: mine.mined_loss(t, *args)[0], z)
@@ -180,8 +180,8 @@ def test_unlabelled_pixels_change_neither_bank_nor_csc() -> None:
     assert torch.equal(p1["mined"], mined) and torch.equal(p1["mined_frac"], frac)
     assert frac.item() == 1.0 and mined > 0 and gu.abs().sum() > 0
     torch.testing.assert_close(l1, l0 + 0.5 * mined, **TOL)
-    assert set(p0) == {"loss", "con", "csc"}
-    assert set(p1) == {"loss", "con", "csc", "mined", "mined_frac"}
+    assert set(p0) == {"loss", "con", "csc", "proto_cos"}  # proto_cos: M4 variants' log
+    assert set(p1) == {"loss", "con", "csc", "proto_cos", "mined", "mined_frac"}
 
 
 # ------------------------------------------------------------------------------------ the data

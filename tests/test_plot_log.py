@@ -24,7 +24,7 @@ def write_log(path: Path, records: list[dict]) -> Path:
 @pytest.fixture
 def two_logs(tmp_path: Path) -> list[Path]:
     """A train_pretrain.py log (loss, con, csc, lr) and a finetune.py one (loss, lr, mIoU lines)."""
-    pretrain = [dict(step=s, epoch=0, lr=1e-3 / s, img_per_s=10.0, loss=3.0 - s / 10,
+    pretrain = [dict(step=s, epoch=0, lr=1e-3 / s, labelled_img_per_s=10.0, loss=3.0 - s / 10,
                      con=2.9 - s / 10, csc=0.1) for s in range(1, 11)]
     finetune = [dict(step=s, epoch=0, loss=1.0 / s, lr=0.01) for s in range(1, 6)]
     finetune.append(dict(step=5, mIoU=40.0, aAcc=80.0))

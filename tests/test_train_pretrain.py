@@ -1,7 +1,9 @@
 """train_pretrain.py run as a user runs it: subprocesses on the toy data (tiny budget)."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,7 +113,9 @@ def test_sigterm_then_resume_is_bit_for_bit(toy_root: Path, tmp_path: Path) -> N
 def one_error_line(r: subprocess.CompletedProcess, *fragments: str) -> None:
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip() and "%|" not in l]  # minus tqdm bars
+    # minus tqdm bars, and what a closed nested bar leaves: blanks and a cursor-up escape
+    lines = [l for l in r.stderr.splitlines()
+             if re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", l).strip() and "%|" not in l]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert r.stderr.rstrip().endswith(lines[0])  # the last thing the user sees
     for f in fragments:
@@ -131,6 +135,28 @@ def test_bad_inputs_fail_with_one_line(toy_root: Path, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.pth"
     torch.save({"weights": torch.zeros(1)}, foreign)
     one_error_line(run(["--datasets", "voc", "--resume", str(foreign), *base]), str(foreign))
+
+
+def test_resume_refuses_a_changed_training_flag(toy_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["--datasets", "voc", "--data-root", str(toy_root), "--out-dir", str(out), *TINY,
+            "--unlabelled", "coco_stuff", "--mine-warmup", "1"]
+    r = run(base + ["--iters", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = str(out / "last.pth")
+    no_unlabelled = base[:base.index("--unlabelled")]
+    for changed, says in ((no_unlabelled, "--unlabelled coco_stuff, not (unset)"),
+                          (base + ["--unlabelled", "voc"], "--unlabelled coco_stuff, not voc"),
+                          (base + ["--mine-threshold", "0.5"], "--mine-threshold 0.9, not 0.5"),
+                          (base + ["--learn-tau"], "--learn-tau False, not True")):
+        one_error_line(run(changed + ["--iters", "2", "--resume", "auto"]), last, says)
+    # where and how it runs may change, and it may run for longer
+    r = run(base + ["--iters", "2", "--resume", "auto", "--workers", "1", "--log-interval", "2",
+                    "--save-interval", "5", "--skip-data-check"])
+    assert r.returncode == 0 and f"resumed from {last} at step 1" in r.stdout, r.stderr[-3000:]
+    assert load(out / "last.pth")["step"] == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in log] == [1, 2] and "labelled_img_per_s" in log[-1]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy_root: Path,
