@@ -10,6 +10,8 @@
             channels_last, bf16 autocast, bf16 + channels_last and torch.compile, per arch and
             output stride, with the MDP/CE ratio under the precision --amp auto picks; on CUDA also
             the host syncs per step (torch.cuda.set_sync_debug_mode warnings counted).
+  datacheck the data check both scripts run before step 1 (utils.check_data), images/s with 0
+            and 2 workers, and what that means for ADE20K's training split.
 
 Each table keeps the rows of the other device from the previous file, so a GPU run adds its rows
 beside the CPU ones; a device never run shows 'not measured'.
@@ -301,6 +303,28 @@ def bench_loader(a: argparse.Namespace, device: torch.device) -> Rows:
     return rows
 
 
+ADE20K_TRAIN = 20210  # training images: the extrapolation of the data check
+
+
+def bench_datacheck(a: argparse.Namespace, device: torch.device) -> Rows:
+    """utils.check_data (what both scripts run before step 1) over the train split of each
+    --check-datasets (default: 64 toy VOC images), with 0 and 2 loader workers."""
+    import utils
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(a.data_root) if a.data_root else make_toy(
+            Path(tmp) / "toy", n_train=64, n_val=1, datasets=("voc",))
+        for name in a.check_datasets:
+            reader = D.build_reader(name, root, "train")
+            for workers in (0, 2):
+                t0 = time.perf_counter()
+                utils.check_data([reader], workers)
+                rate = len(reader) / (time.perf_counter() - t0)
+                rows.append([name.split("/")[-1], str(len(reader)), str(workers), f"{rate:.0f}",
+                             f"{ADE20K_TRAIN / rate:.0f}"])
+    return rows
+
+
 SECTIONS = {  # name: (function, title and notes, column headers after "run")
     "step": (bench_step, "One pretraining step, MDP vs CE (C = 171, VOC + ADE20K)\n\n"
              "ResNet-50 MDPNet OS8, same batch and crop; synthetic two-dataset batch, bank full. "
@@ -328,6 +352,11 @@ SECTIONS = {  # name: (function, title and notes, column headers after "run")
                "(decode + label checks); augmented = read + M9 train pipeline + M1 global mapping.",
                ["data", "base scale", "crop", "read only samples/s", "augmented samples/s",
                 "ms / sample"]),
+    "datacheck": (bench_datacheck, "The data check before step 1\n\n"
+                  "utils.check_data over a train split: every image decoded, every mask value "
+                  "checked, by the readers' own loading; the last column extrapolates the rate to "
+                  "ADE20K's 20,210 training images.",
+                  ["data", "images", "workers", "images / s", "s for ADE20K train"]),
 }
 
 
@@ -349,7 +378,7 @@ def report(kept: dict[str, list[str]], header: str) -> str:
     for s, (_, title, cols) in SECTIONS.items():
         rows = sorted((l for l in kept[s] if l.startswith("|")), key=lambda l: l.split("|")[1])
         runs = sorted(l for l in kept[s] if l.startswith("-"))
-        for dev in ("cpu", "cuda") if s != "loader" else ():  # the loader runs on a CPU anyway
+        for dev in ("cpu", "cuda") if s not in ("loader", "datacheck") else ():  # CPU work
             if not any(l.startswith(f"| {dev} ") for l in rows):
                 rows.append("| " + " | ".join([dev] + ["not measured"] * len(cols)) + " |")
                 runs.append(f"- {dev}: not measured (no such device in any run so far)")
@@ -375,6 +404,9 @@ def main() -> None:
     p.add_argument("--loader-samples", type=int, default=150)
     p.add_argument("--precision-archs", nargs="+", default=["resnet14", "resnet50"],
                    help="precision section: archs to time (each at output stride 8 and 16)")
+    p.add_argument("--check-datasets", nargs="+", default=["voc"],
+                   help="datacheck section: train splits to check (toy VOC unless --data-root)")
+    p.add_argument("--data-root", default=None, help="datacheck section: where they are")
     p.add_argument("--out", default=str(ROOT / "results" / "bench.md"))
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -389,6 +421,7 @@ def main() -> None:
         or [platform.machine()]
     name = torch.cuda.get_device_name(device) if cuda else f"{cpu[0]}, {torch.get_num_threads()} thread(s)"
     cmd = shlex.join(["python", *sys.argv])
+    cmd = cmd.replace(a.data_root, "DATA") if a.data_root else cmd  # no machine's paths
     out, kept = Path(a.out), previous(Path(a.out))
     for s in a.sections:
         print(f"[{s}] ...", flush=True)
