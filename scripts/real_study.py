@@ -316,6 +316,10 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
     length, own task on each source's val; the longer length only if the mean gains >= 2."""
     path = Path(args.results_dir) / "multi_protocol.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
+
+    def save(rec: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, indent=1))
     if which == "finetune":
         tried = {}
         for steps in FINETUNE_CANDIDATES:
@@ -324,6 +328,7 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
                                data_root, 1, ["CamVid all"], specs)["CamVid all"]
             learned = [c for c, v in res["IoU"].items() if v is not None and v >= LEARNED_IOU]
             tried[steps] = {"mIoU": res["mIoU"], "learned": learned}
+            save({**record, "finetune": {"tried": tried, "chosen": None}})  # if cut off here
             print(f"[random weights, {steps} fine-tuning steps: mIoU {res['mIoU']:.2f}, "
                   f"{len(learned)} classes at IoU >= {LEARNED_IOU:g}]", flush=True)
             if len(learned) >= LEARNED_CLASSES:
@@ -344,12 +349,12 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
                                         *SIZE[1:3], "--stats", "--out", str(cache)])
                 own[source] = json.loads(cache.read_text())["mIoU"]
             tried[steps] = {"own task": own, "mean": float(np.mean(list(own.values())))}
+            save({**record, "pretrain": {"tried": tried, "chosen": None}})  # if cut off here
         gain = tried[PRETRAIN_CANDIDATES[1]]["mean"] - tried[PRETRAIN_CANDIDATES[0]]["mean"]
         chosen = PRETRAIN_CANDIDATES[1] if gain >= PRETRAIN_GAIN else PRETRAIN_CANDIDATES[0]
         record["pretrain"] = {"tried": tried, "gain": gain, "chosen": chosen}
     record.setdefault("made", {})[which] = f"commit {git_commit()}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    save(record)
     print(json.dumps(record[which], indent=1))
 
 
