@@ -340,14 +340,8 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
             out = work / ("ce" if steps == MULTI_PRETRAIN_ITERS else f"ce_iters{steps}") / "seed0"
             check_budget(out / "pretrain0", steps)
             pretrain(MULTI_ROWS["ce"], 0, out, data_root, steps, PRETRAIN)
-            own = {}
-            for source in SOURCES:
-                cache = out / f"own_task_{source.removeprefix('folder:')}.json"
-                if not cache.exists():
-                    pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", source,
-                                        "--data-root", str(data_root), "--base-size",
-                                        *SIZE[1:3], "--stats", "--out", str(cache)])
-                own[source] = json.loads(cache.read_text())["mIoU"]
+            own = {source: own_task_of(out, source, data_root, per_source=True)["mIoU"]
+                   for source in SOURCES}
             tried[steps] = {"own task": own, "mean": float(np.mean(list(own.values())))}
             save({**record, "pretrain": {"tried": tried, "chosen": None}})  # if cut off here
         gain = tried[PRETRAIN_CANDIDATES[1]]["mean"] - tried[PRETRAIN_CANDIDATES[0]]["mean"]
@@ -356,6 +350,19 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
     record.setdefault("made", {})[which] = f"commit {git_commit()}"
     save(record)
     print(json.dumps(record[which], indent=1))
+
+
+def own_task_of(out: Path, source: str, data_root: str | Path, per_source: bool) -> dict:
+    """scripts/pretrain_eval.py on the (row, seed) in `out`: its checkpoint's own task on `source`'s
+    val, evaluated once and cached beside it (per_source: own_task_<name>.json with the collapse
+    measures, --stats; else own_task.json, the CamVid study's)."""
+    cache = out / (f"own_task_{source.removeprefix('folder:')}.json" if per_source else
+                   "own_task.json")
+    if not cache.exists():
+        pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", source,
+                            "--data-root", str(data_root), "--base-size", *SIZE[1:3],
+                            "--out", str(cache)] + (["--stats"] if per_source else []))
+    return json.loads(cache.read_text())
 
 
 def made_at(out: Path) -> str:
@@ -402,14 +409,7 @@ def own_task(work: Path, args: argparse.Namespace, study: Study,
                 continue
             res = {}
             for source in (d for d in study.sources if d in stages[-1][0]):
-                cache = out / ("own_task.json" if len(study.sources) == 1 else
-                               f"own_task_{source.removeprefix('folder:')}.json")
-                if not cache.exists():
-                    pretrain_eval.main([str(out / "pretrain0" / "last.pth"), "--dataset", source,
-                                        "--data-root", args.data_root, "--base-size", *SIZE[1:3],
-                                        "--out", str(cache)]
-                                       + (["--stats"] if len(study.sources) > 1 else []))
-                got = json.loads(cache.read_text())
+                got = own_task_of(out, source, args.data_root, len(study.sources) > 1)
                 res[source] = {"mIoU": got["mIoU"], "stats": got.get("stats")}
             if res:
                 scores.setdefault(row, {})[seed] = (
