@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import finetune  # noqa: E402
 import pretrain_eval  # noqa: E402
 from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
-                       efficiency_plot, git_commit, job_commits, pretrain, run_once, summarise,
-                       write_markdown)
+                       efficiency_plot, git_commit, job_commits, job_hours, pretrain, run_once,
+                       summarise, write_markdown)
 
 # The CamVid protocol, fixed before any result was seen; every row gets exactly the same budget and
 # nothing is tuned per row. Half resolution (CamVid 480x360 -> 240x180 base scale, random rescale
@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
                           f"_iters{args.pretrain_iters}") + ("_quick" if args.quick else "")
     kept = previous_runs(Path(args.results_dir) / f"{name}.json")
     runs: dict[str, dict[int, dict]] = {}
+
+    def table() -> None:
+        own = own_task(work, args, study, name) if args.own_task else {}
+        write_results(runs, args, scale, work, study, name, own)
     n_seeds = max([args.seeds or 0] + [study.seeds.get(r, 0) for r in args.rows] + [3])
     for seed in range(n_seeds):  # seed-major: a partial study has every row at some seeds
         for row in args.rows:
@@ -286,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                                                           study.evals)
             runs[row][seed]["made"] = made_at(out)
             print(f"[{row} seed {seed}: {time.time() - t0:.0f} s]", flush=True)
-    own = own_task(work, args, study, name) if args.own_task else {}
-    write_results(runs, args, scale, work, study, name, own)
+            table()  # the table fills in as the study runs
+    table()
 
 
 def previous_provenance(path: Path) -> str:
@@ -421,8 +425,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
                   name: str, own: dict[str, dict[int, float | dict]] | None = None) -> None:
     """Rows x evaluations, mean ± std over the seeds finished so far (n per cell in the json)."""
     evals = args.evals
-    runs = {r: {s: res for s, res in by_seed.items() if all(n in res for n in evals)}
-            for r, by_seed in runs.items()}
+    runs = {r: {s: res for s, res in runs[r].items() if all(n in res for n in evals)}
+            for r in study.rows if r in runs}  # in the study's order, whatever ran first
     runs = {r: by_seed for r, by_seed in runs.items() if by_seed}
     if not runs:
         raise SystemExit("error: no finished row yet")
@@ -441,7 +445,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
              f"statistics)")) if wanted)
     command = placeholders(shlex.join(["python", "scripts/real_study.py", *argv]), args, work)
     timing = (f"{len(marks)} jobs here, the last finished {(marks[-1] - marks[0]) / 60:.0f} min "
-              f"after the first ({os.cpu_count()} CPU cores)" if marks else "no job run here")
+              f"after the first; their wall time {job_hours(work)} on {os.cpu_count()} CPU "
+              f"cores" if marks else "no job run here")
     here, before = job_commits(work), previous_provenance(results_dir / f"{name}.json")
     kept = any(not any(work.glob(f"{r}/seed{s}/**/done")) for r in runs for s in runs[r])
     made = ", ".join(filter(None, [here, KEPT + before if kept and

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +111,22 @@ def git_commit() -> str:
 
 def run_once(done: Path, fn, argv: list[str]) -> None:
     """Runs fn(argv) unless `done` exists; writes `done` afterwards, holding the commit the job ran
-    at (resumable study)."""
+    at (resumable study). A job cut off before (SIGTERM saves OUT_DIR/last.pth, beside `done`)
+    continues from that checkpoint, bit for bit; its wall time, summed over the parts, goes to
+    `seconds` beside `done`."""
     if done.exists():
         return
+    if (done.parent / "last.pth").is_file():
+        argv = argv + ["--resume", str(done.parent / "last.pth")]
     print(f"\n$ {fn.__module__}.py {' '.join(argv)}", flush=True)
-    fn(argv)
+    start = time.time()
+    try:
+        fn(argv)
+    finally:
+        if done.parent.is_dir():
+            spent = done.parent / "seconds"
+            before = float(spent.read_text()) if spent.is_file() else 0.0
+            spent.write_text(f"{before + time.time() - start:.0f}\n")
     done.write_text(git_commit() + "\n")
 
 
@@ -125,6 +137,15 @@ def job_commits(work: Path) -> str:
         key = f.read_text().strip() or "not recorded"
         seen[key] = seen.get(key, 0) + 1
     return ", ".join(f"{c} ({n} jobs)" for c, n in sorted(seen.items()))
+
+
+def job_hours(work: Path) -> str:
+    """The finished jobs' wall time, e.g. '3.2 h over 12 jobs (2 not timed)'."""
+    timed = [float(f.with_name("seconds").read_text()) for f in work.rglob("done")
+             if f.with_name("seconds").is_file()]
+    untimed = sum(1 for _ in work.rglob("done")) - len(timed)
+    return (f"{sum(timed) / 3600:.1f} h over {len(timed)} jobs"
+            + (f" ({untimed} not timed)" if untimed else ""))
 
 
 def pretrain(stages: list[tuple[list[str], list[str]]], seed: int, out: Path, data_root: Path,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,18 +82,22 @@ def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None
     assert keep_previous_rows(runs, tmp_path / "missing.json", ["voc"]) == {}
 
 
-def test_a_preempted_job_is_not_marked_done(tmp_path: Path) -> None:
+def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None:
     """A job stopped by SIGTERM saves its checkpoint and exits 143; the runner must not write
     `done` (a session ended mid-job once left a 20-step probe marked done), and reruns it."""
     sys.path.insert(0, str(ROOT / "scripts"))
     sys.path.insert(0, str(ROOT))
+    import reproduce
     import utils
     from reproduce import run_once
 
     calls = []
+    clock = iter([0.0, 1000.0, 5000.0, 7600.0])  # start and end of each of the job's two parts
+    monkeypatch.setattr(reproduce, "time", SimpleNamespace(time=lambda: next(clock)))
 
     def preempted(argv: list[str]) -> None:
         calls.append(argv)
+        (tmp_path / "last.pth").write_bytes(b"")  # what the SIGTERM handler saves
         utils.exit_preempted(tmp_path / "last.pth", 3, "auto")
 
     done = tmp_path / "done"
@@ -100,7 +105,13 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path) -> None:
         run_once(done, preempted, ["--x"])
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert not done.exists()
-    run_once(done, lambda argv: calls.append(argv), ["--x"])  # the rerun finishes
-    assert done.exists() and len(calls) == 2
+    assert calls == [["--x"]]
+    run_once(done, lambda argv: calls.append(argv), ["--x"])  # the rerun continues and finishes
+    assert done.exists() and calls[1] == ["--x", "--resume", str(tmp_path / "last.pth")]
     run_once(done, preempted, ["--x"])  # finished: skipped
     assert len(calls) == 2
+    assert (tmp_path / "seconds").read_text() == "3600\n"  # both parts timed: 1000 s + 2600 s
+    assert reproduce.job_hours(tmp_path) == "1.0 h over 1 jobs"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "done").write_text("abc\n")  # finished before jobs were timed
+    assert reproduce.job_hours(tmp_path) == "1.0 h over 1 jobs (1 not timed)"
