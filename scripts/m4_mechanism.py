@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import real_diagnosis  # noqa: E402
 import real_study  # noqa: E402
+import studies  # noqa: E402
 import utils  # noqa: E402
 from reproduce import git_commit, job_commits, pretrain  # noqa: E402
 
@@ -73,7 +74,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace) -> dict | None:
     if args.table_only and not (out / "diagnosis.json").exists():
         return None
     ckpt = pretrain([([args.dataset], ROWS[row][0])], seed, out, args.data_root,
-                    real_study.PRETRAIN_ITERS, real_study.PRETRAIN)
+                    studies.PRETRAIN_ITERS, studies.PRETRAIN)
     probe = real_study.evaluate_all(ckpt, seed, out, args.dataset, args.data_root, 1,
                                     ["linear probe"])["linear probe"]
     diag = argparse.Namespace(dataset=args.dataset, data_root=args.data_root, seed=seed)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import pretrain_eval  # noqa: E402
 import real_study  # noqa: E402
+import studies  # noqa: E402
 import utils  # noqa: E402
 from datasets import RAW_IGNORE, MultiDataset, build_reader, eval_transform  # noqa: E402
 from mdp import MDPNet  # noqa: E402
@@ -145,7 +146,7 @@ def measure(ckpt: str | None, args: argparse.Namespace, cache: Path) -> dict:
     if ckpt is None:  # the untrained network, drawn from the row's seed
         torch.manual_seed(args.seed)
         classifier = pretrain_eval.OwnTaskClassifier(
-            MDPNet(real_study.ARCH, int(real_study.OUTPUT_STRIDE)), torch.arange(K))
+            MDPNet(studies.ARCH, int(studies.OUTPUT_STRIDE)), torch.arange(K))
         res = {"stats": pretrain_eval.embedding_stats(classifier, val, K)}
     else:
         out = cache.with_suffix(".own.json")
@@ -184,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
             write_low_purity_map(args)
         out = args.work_dir / row / f"seed{seed}"
         stages = [] if flags is None else [([args.dataset], flags)]
-        real_study.check_budget(out / "pretrain0", real_study.PRETRAIN_ITERS)
-        ckpt = pretrain(stages, seed, out, args.data_root, real_study.PRETRAIN_ITERS,
-                        real_study.PRETRAIN)
+        real_study.check_budget(out / "pretrain0", studies.PRETRAIN_ITERS)
+        ckpt = pretrain(stages, seed, out, args.data_root, studies.PRETRAIN_ITERS,
+                        studies.PRETRAIN)
         probe = real_study.evaluate_all(ckpt, seed, out, args.dataset, args.data_root, 1,
                                         ["linear probe"])["linear probe"]
         res = measure(ckpt, args, out / "diagnosis.json")

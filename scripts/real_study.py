@@ -13,6 +13,7 @@ images, over seeds. One runner, two studies:
     python scripts/real_study.py --data-root DATA --pretrain-iters 1200 --rows ce mdp --seeds 1 \
         --evals "linear probe" --own-task --work-dir ~/mdp-runs/real_iters1200   # a diagnostic
 
+The rows, evaluations and protocol constants of both studies are in scripts/studies.py.
 Every job is train_pretrain.py or finetune.py called in-process (scripts/reproduce.py's runner), so
 finished jobs are skipped and an interrupted study just continues; run outputs live in --work-dir
 (default $HOME/mdp-runs/<study>), outside the repository. The committed results json carries every
@@ -34,7 +35,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,135 +49,10 @@ import pretrain_eval  # noqa: E402
 from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
                        efficiency_plot, git_commit, job_commits, job_hours, pretrain, run_once,
                        summarise, write_markdown)
+from studies import (ARCH, CAMVID_EVALS, DOWNSTREAM, EVALS, FINETUNE,  # noqa: E402
+                     MULTI_PRETRAIN_ITERS, MULTI_ROWS, NO_CHANGE, OUTPUT_STRIDE, PRETRAIN,
+                     PROBE_ITERS, SIZE, SOURCE_PROBES, SOURCES, Study, make_study)
 
-# The CamVid protocol, fixed before any result was seen; every row gets exactly the same budget and
-# nothing is tuned per row. Half resolution (CamVid 480x360 -> 240x180 base scale, random rescale
-# 0.5-2.0 as M9), 96x128 crops, resnet14 at output stride 16: the budget fits about 2 hours on 2
-# CPU cores (3 seeds). Bank size: the source's 1024 at 16 images x 8 GPUs holds about 8 steps of
-# image means; 8 steps x 8 images = 64 here.
-ARCH, OUTPUT_STRIDE = "resnet14", "16"
-PRETRAIN_ITERS, FINETUNE_ITERS, PROBE_ITERS = 300, 120, 200
-SIZE = ["--base-size", "240", "180", "--crop-size", "96", "128", "--arch", ARCH,
-        "--output-stride", OUTPUT_STRIDE, "--batch-size", "8", "--workers", "0"]
-PRETRAIN = SIZE + ["--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "1e-4",
-                   "--schedule", "cosine", "--min-lr", "1e-5", "--warmup-iters", "15",
-                   "--bank-size", "64", "--log-interval", "25", "--save-interval", "100"]
-FINETUNE = SIZE + ["--num-overlays", "0", "--log-interval", "20"]
-# row -> extra pretraining flags (None: no pretraining, the random-weights row)
-ROWS: dict[str, list[str] | None] = {
-    "random": None,
-    "ce": ["--method", "ce"],
-    "pix2pix": ["--method", "pix2pix"],
-    "mdp": [],
-    "mdp_tau0.3": ["--tau", "0.3"],
-    "mdp_no_mix": ["--mix", "none"],
-}
-LABELS = {"random": "random weights (fewer labels seen)", "ce": "CE", "pix2pix": "pixel-to-pixel",
-          "mdp": "MDP", "mdp_tau0.3": "MDP τ=0.3", "mdp_no_mix": "MDP w/o mixing"}
-# evaluation -> (dataset, None: the study's --dataset; finetune.py flags; fraction of labelled
-# training images; steps)
-EVALS: dict[str, tuple[str | None, list[str], float, int]] = {
-    "linear probe": (None, ["--model", "linear"], 1.0, PROBE_ITERS),
-    "fine-tune 1/8": (None, ["--train-fraction", "0.125"], 0.125, FINETUNE_ITERS),
-    "fine-tune all": (None, [], 1.0, FINETUNE_ITERS),
-}
-EVALS_ALL = list(EVALS)
-CLAIMS = [
-    ("MDP beats CE pretraining on the same data", "mdp", "ce", EVALS_ALL,
-     "COCO: 76.85 vs 68.48 VOC"),
-    ("MDP beats pixel-to-pixel", "mdp", "pix2pix", EVALS_ALL,
-     "73.32/40.15/77.75 vs 71.19/38.81/77.17"),
-    ("MDP beats random weights", "mdp", "random", EVALS_ALL, "(scratch: not reported for VOC)"),
-    ("CE beats random weights", "ce", "random", EVALS_ALL, "—"),
-    ("mixing helps", "mdp", "mdp_no_mix", EVALS_ALL, "73.32 vs 71.98 VOC"),
-    ("τ = 0.07 beats τ = 0.3", "mdp", "mdp_tau0.3", EVALS_ALL, "0.07 best (no numbers)"),
-]
-
-# ---- the multi-set study (issue: the source's main experiment on real photographs). Protocol in
-# results/real_multi.md, committed before any of its results; the step counts below are fixed by
-# the rules written there (`--choose`), never by a pretrained row's CamVid number.
-SOURCES = ["folder:stanford_background", "folder:msrc_v2", "folder:labelmefacade"]
-DOWNSTREAM = "folder:camvid"
-MULTI_PRETRAIN_ITERS = 1200  # the length rule: results/real_multi.md
-MULTI_FINETUNE_ITERS = 480  # the fine-tuning rule (results/multi_protocol.json), before any row
-UNIFIED = str(ROOT / "configs" / "real_unified.txt")
-# row -> pretraining stages (datasets, extra flags); [] = no pretraining
-MULTI_ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
-    "random": [],
-    "ce": [(SOURCES, ["--method", "ce"])],
-    "ce_label_map": [(SOURCES, ["--method", "ce", "--label-map", UNIFIED])],
-    "multihead": [(SOURCES, ["--method", "multihead"])],
-    "pix2pix": [(SOURCES, ["--method", "pix2pix"])],
-    "mdp": [(SOURCES, [])],
-    "mdp_no_csc": [(SOURCES, ["--no-csc"])],
-    "mdp_no_mix": [(SOURCES, ["--mix", "none"])],
-    "mdp_facade": [(["folder:labelmefacade"], [])],
-    "mdp_label_map": [(SOURCES, ["--label-map", UNIFIED])],
-    "mdp_unlabelled": [(SOURCES, ["--unlabelled", DOWNSTREAM])],
-    # row 12, added when the M4 mechanism study concluded (results/real_m4.md), before any row of
-    # this study ran: its prototypes are free parameters, not the bank's class means [ours]
-    "mdp_learned": [(SOURCES, ["--prototypes", "learned"])],
-}
-MULTI_LABELS = {
-    "random": "random weights", "ce": "CE, 39 concatenated classes",
-    "ce_label_map": "CE, manual label map (27 classes)", "multihead": "multi-head",
-    "pix2pix": "pixel-to-pixel", "mdp": "MDP", "mdp_no_csc": "MDP w/o CSC",
-    "mdp_no_mix": "MDP w/o mixing", "mdp_facade": "MDP, labelmefacade alone",
-    "mdp_label_map": "MDP + manual label map", "mdp_unlabelled": "MDP + CamVid unlabelled (M10)",
-    "mdp_learned": "MDP, learned prototypes [ours]"}
-MULTI_SEEDS = {"random": 3, "ce": 3, "mdp": 3, "mdp_no_csc": 3}  # every other row: 2
-CAMVID_EVALS = ["CamVid probe", "CamVid 1/8", "CamVid all"]
-MULTI_EVALS: dict[str, tuple[str | None, list[str], float, int]] = {
-    "CamVid probe": (DOWNSTREAM, ["--model", "linear"], 1.0, PROBE_ITERS),
-    "CamVid 1/8": (DOWNSTREAM, ["--train-fraction", "0.125"], 0.125, MULTI_FINETUNE_ITERS),
-    "CamVid all": (DOWNSTREAM, [], 1.0, MULTI_FINETUNE_ITERS),
-    **{f"{s[7:]} probe": (s, ["--model", "linear"], 1.0, PROBE_ITERS) for s in SOURCES},
-}
-MULTI_CLAIMS = [
-    ("MDP beats CE on the concatenation", "mdp", "ce", list(MULTI_EVALS),
-     "COCO: 76.85 vs 68.48 VOC"),
-    ("MDP beats CE with manual unification", "mdp", "ce_label_map", list(MULTI_EVALS), "—"),
-    ("MDP beats multi-head", "mdp", "multihead", list(MULTI_EVALS), "73.32 vs 71.19 VOC"),
-    ("MDP beats pixel-to-pixel", "mdp", "pix2pix", list(MULTI_EVALS),
-     "73.32/40.15/77.75 vs 71.19/38.81/77.17"),
-    ("CSC helps on the unseen set", "mdp", "mdp_no_csc", CAMVID_EVALS,
-     "76.53 vs 75.37 Cityscapes"),
-    ("mixing helps", "mdp", "mdp_no_mix", list(MULTI_EVALS), "73.32 vs 71.98 VOC"),
-    ("several datasets beat one", "mdp", "mdp_facade", CAMVID_EVALS, "73.32 vs 70.92 VOC"),
-    ("a manual label map changes nothing (M1)", "mdp_label_map", "mdp", list(MULTI_EVALS),
-     "71.91 vs 71.93 VOC (no change)"),
-    ("unlabelled images help (M10 mining)", "mdp_unlabelled", "mdp", CAMVID_EVALS,
-     "74.74 vs 73.32 VOC"),
-    ("MDP beats random weights", "mdp", "random", list(MULTI_EVALS), "—"),
-    ("[ours] learned prototypes beat the bank", "mdp_learned", "mdp", list(MULTI_EVALS), "—"),
-    ("[ours] MDP with learned prototypes beats CE", "mdp_learned", "ce", list(MULTI_EVALS), "—"),
-    ("CE beats random weights", "ce", "random", list(MULTI_EVALS), "—"),
-]
-
-
-@dataclass
-class Study:
-    """What distinguishes the studies; the runner, the evaluations and the table are shared."""
-    table: str  # results/<table>.*
-    rows: dict[str, list[tuple[list[str], list[str]]]]  # row -> pretraining stages
-    labels: dict[str, str]
-    evals: dict[str, tuple[str | None, list[str], float, int]]
-    claims: list
-    pretrain_iters: int
-    seeds: dict[str, int]  # row -> seeds it gets (rows not named: the --seeds default)
-    sources: list[str]  # the datasets of the own-task diagnostic
-    pretraining: str  # for the header: what the rows pretrain on
-
-
-def make_study(name: str, dataset: str) -> Study:
-    if name == "multi":
-        return Study("multi_table", MULTI_ROWS, MULTI_LABELS, MULTI_EVALS, MULTI_CLAIMS,
-                     MULTI_PRETRAIN_ITERS, MULTI_SEEDS, SOURCES,
-                     "stanford_background + msrc_v2 + labelmefacade train (39 concatenated "
-                     "classes), CamVid unseen")
-    rows = {r: [] if f is None else [([dataset], f)] for r, f in ROWS.items()}
-    return Study("real_table", rows, LABELS, EVALS, CLAIMS, PRETRAIN_ITERS, {}, [dataset],
-                 f"{dataset} train (pretraining and fine-tuning)")
 
 
 def eval_dir(out: Path, name: str) -> Path:
@@ -467,6 +342,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     text = write_markdown(table, evals, results / f"{name}.md", header, study.labels, "{} mIoU")
     checks = check_claims(table, evals, study.claims)
     text += "\n" + claims_markdown(checks, "real")
+    if study.table == "multi_table":
+        text += verdicts_markdown(checks, mined_fractions(work))
     per_seed = ["", "Per seed (mIoU):", "", "| row | " + " | ".join(evals) + " |",
                 "|---|" + "---|" * len(evals)]
     per_seed += [f"| {study.labels[r]} | " + " | ".join(
@@ -491,6 +368,53 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
 def placeholders(text: str, args: argparse.Namespace, work: Path) -> str:
     """No machine's paths in a committed file: the data root and the work dir become DATA, RUNS."""
     return text.replace(str(work), "RUNS").replace(str(args.data_root), "DATA")
+
+
+def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
+    """Each claim read by the protocol's rule (results/real_multi.md) on the unseen set (the three
+    CamVid evaluations) and on the sources (the three probes): it holds when it holds on at least
+    two of the three and is reversed on none ("changes nothing": within seed noise on all three);
+    reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
+    with an evaluation missing is not read yet."""
+    lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
+             "the group's evaluations):", "", "| claim | unseen: CamVid | seen: source probes |",
+             "|---|---|---|"]
+    for claim in dict.fromkeys(c["claim"] for c in checks):
+        cells = []
+        for group in (CAMVID_EVALS, SOURCE_PROBES):
+            got = [c for c in checks if c["claim"] == claim and c["target"] in group]
+            if len(got) < len(group):
+                cells.append("—" if not got else "not read yet")
+                continue
+            n = {v: sum(c["verdict"].startswith(v) for c in got)
+                 for v in ("holds", "reversed", "within")}
+            if claim == NO_CHANGE:
+                verdict = "holds" if n["within"] == len(group) else "does not hold"
+            else:
+                verdict = ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
+                           if n["reversed"] >= 2 and not n["holds"] else "does not hold")
+            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) else ""
+            cells.append(f"{verdict}{one} ({n['holds']} / {n['reversed']} / {n['within']})")
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    if mined:
+        fired = any(v > 0 for v in mined.values())
+        lines += ["", "Mining (M10), `mined_frac` over the last 100 pretraining steps of "
+                  "mdp_unlabelled: " + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined.items())
+                  + ("." if fired else "; mining did not fire at this budget, so the claim "
+                     "\"unlabelled images help\" is not tested here.")]
+    return "\n".join(lines) + "\n"
+
+
+def mined_fractions(work: Path) -> dict[int, float]:
+    """seed -> mean `mined_frac` of the last 100 logged pretraining steps of mdp_unlabelled."""
+    fractions = {}
+    for log in sorted(work.glob("mdp_unlabelled/seed*/pretrain0/log.jsonl")):
+        if (log.parent / "done").exists():
+            records = [json.loads(line) for line in log.read_text().splitlines() if line]
+            last = [r["mined_frac"] for r in records if "mined_frac" in r
+                    and r["step"] > records[-1]["step"] - 100]
+            fractions[int(log.parents[1].name[4:])] = float(np.mean(last)) if last else 0.0
+    return fractions
 
 
 def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> str:

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import real_study  # noqa: E402
+import studies  # noqa: E402
 
 
 def fake_job(work: Path, row: str, seed: int, name: str, miou: float) -> None:
@@ -27,7 +28,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
             ("ce", 0): (38.0, 31.0, 49.0), ("ce", 1): (36.0, 29.0, 47.0),
             ("random", 0): (20.0, 10.0, 30.0)}  # seed 1 of random unfinished: one eval only
     for (row, seed), vals in miou.items():
-        for name, v in zip(real_study.EVALS, vals):
+        for name, v in zip(studies.EVALS, vals):
             fake_job(work, row, seed, name, v)
     fake_job(work, "random", 1, "linear probe", 99.0)
     monkeypatch.setattr(sys, "argv", ["real_study.py", "--table-only"])
@@ -35,7 +36,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
                      "--work-dir", str(work), "--results-dir", str(results)])
     data = json.loads((results / "real_table.json").read_text())
     for row in ("mdp", "ce"):
-        for k, name in enumerate(real_study.EVALS):
+        for k, name in enumerate(studies.EVALS):
             vals = np.array([miou[row, s][k] for s in (0, 1)])
             cell = data["table"][row][name]
             assert cell["n"] == 2 and cell["mean"] == pytest.approx(vals.mean())
@@ -61,7 +62,7 @@ def test_no_finished_job_is_an_error(tmp_path: Path) -> None:
 
 def test_own_task_diagnostic_in_the_table(tmp_path: Path, monkeypatch) -> None:
     work, results = tmp_path / "work", tmp_path / "results"
-    for name in real_study.EVALS:
+    for name in studies.EVALS:
         fake_job(work, "mdp", 0, name, 30.0)
     cached = work / "mdp" / "seed0" / "own_task.json"  # what pretrain_eval.py --out wrote
     cached.write_text(json.dumps({"mIoU": 21.5}))
@@ -155,7 +156,7 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     carries both provenances and no machine path."""
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
-    evals = list(real_study.MULTI_EVALS)
+    evals = list(studies.MULTI_EVALS)
     kept = {e: {"mIoU": 40.0 + k, "IoU": {}} for k, e in enumerate(evals)}
     (results / "multi_table.json").write_text(json.dumps({
         "header": "Real-image study: `x`, table built at commit a, jobs run at 1234abc (9 jobs); y",
@@ -169,8 +170,8 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
         raise AssertionError("a kept (row, seed) was rerun")
     monkeypatch.setattr(real_study, "pretrain", must_not_run)
     monkeypatch.setattr(real_study, "evaluate_all", must_not_run)
-    monkeypatch.setattr(real_study, "MULTI_EVALS", {
-        n: (d, f, fr, it or 480) for n, (d, f, fr, it) in real_study.MULTI_EVALS.items()})
+    monkeypatch.setattr(studies, "MULTI_EVALS", {
+        n: (d, f, fr, it or 480) for n, (d, f, fr, it) in studies.MULTI_EVALS.items()})
     monkeypatch.setattr(sys, "argv", ["real_study.py"])
     argv = ["--study", "multi", "--rows", "mdp", "--seeds", "1", "--work-dir", str(work),
             "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
@@ -185,8 +186,8 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
 
 
 def test_multi_own_task_table_by_hand() -> None:
-    study = real_study.make_study("multi", "folder:camvid")
-    src = real_study.SOURCES
+    study = studies.make_study("multi", "folder:camvid")
+    src = studies.SOURCES
     own = {"mdp": {s: {d: {"mIoU": 10.0 * (k + 1) + s, "stats": {"class_mean_cos_mean": 0.5 + s / 10}}
                        for k, d in enumerate(src)} for s in (0, 1)}}
     text = real_study.own_task_markdown(own, study)
@@ -221,7 +222,7 @@ def test_choose_pretrain_rule(tmp_path: Path, monkeypatch, gain, chosen) -> None
     def fake_own(argv):
         steps = 2400 if "ce_iters2400" in argv[0] else 1200
         out = Path(argv[argv.index("--out") + 1])
-        k = real_study.SOURCES.index(argv[argv.index("--dataset") + 1])
+        k = studies.SOURCES.index(argv[argv.index("--dataset") + 1])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"mIoU": 30.0 + k + (gain if steps == 2400 else 0.0)}))
     monkeypatch.setattr(real_study.pretrain_eval, "main", fake_own)
@@ -230,3 +231,34 @@ def test_choose_pretrain_rule(tmp_path: Path, monkeypatch, gain, chosen) -> None
     rec = json.loads((tmp_path / "multi_protocol.json").read_text())["pretrain"]
     assert rec["chosen"] == chosen and rec["gain"] == pytest.approx(gain)
     assert rec["tried"]["1200"]["mean"] == pytest.approx(31.0)
+
+
+def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
+    """Per group of three evaluations: holds = at least two hold and none reversed; reversed the
+    same way round; "changes nothing" = within noise on all three; a group not complete is not
+    read; a 1-seed verdict is marked; mining that never fired is said to leave the claim untested."""
+    def check(claim: str, target: str, verdict: str) -> dict:
+        return {"claim": claim, "target": target, "verdict": verdict}
+    cam, src = studies.CAMVID_EVALS, studies.SOURCE_PROBES
+    checks = ([check("A", t, v) for t, v in zip(cam, ["holds", "holds", "within seed noise"])]
+              + [check("A", t, v) for t, v in zip(src, ["holds", "holds", "reversed"])]
+              + [check("B", t, v) for t, v in zip(cam, ["reversed (1 seed)"] * 2 + ["holds (1 seed)"])]
+              + [check("B", src[0], "holds")]
+              + [check(studies.NO_CHANGE, t, "within seed noise") for t in cam]
+              + [check(studies.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
+                                                                   + ["holds"])])
+    text = real_study.verdicts_markdown(checks, {0: 0.0, 1: 0.0})
+    assert "| A | holds (2 / 0 / 1) | does not hold (2 / 1 / 0) |" in text
+    assert "| B | does not hold (1 seed) (1 / 2 / 0) | not read yet |" in text
+    assert f"| {studies.NO_CHANGE} | holds (0 / 0 / 3) | does not hold (1 / 0 / 2) |" in text
+    assert "mining did not fire at this budget" in text
+    # mined_frac: the mean of the records in the last 100 steps, finished runs only
+    for seed, fracs in ((0, [0.5, 0.1, 0.2, 0.3]), (1, [0.9])):
+        run = tmp_path / "mdp_unlabelled" / f"seed{seed}" / "pretrain0"
+        run.mkdir(parents=True)
+        (run / "log.jsonl").write_text("".join(json.dumps({"step": 50 * (k + 1), "mined_frac": f})
+                                               + "\n" for k, f in enumerate(fracs)))
+    (tmp_path / "mdp_unlabelled" / "seed0" / "pretrain0" / "done").write_text("abc\n")
+    got = real_study.mined_fractions(tmp_path)  # seed 0: steps 150 and 200 are within 100 of 200
+    assert got.keys() == {0} and abs(got[0] - 0.25) < 1e-12
+    assert "seed 0: 0.250." in real_study.verdicts_markdown(checks, got)
