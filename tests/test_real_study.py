@@ -220,7 +220,8 @@ def test_choose_pretrain_rule(tmp_path: Path, monkeypatch, gain, chosen) -> None
     monkeypatch.setattr(real_study, "pretrain", lambda *a, **kw: None)
 
     def fake_own(argv):
-        steps = 2400 if "ce_iters2400" in argv[0] else 1200
+        run = Path(argv[0]).parents[2].name  # RUNS/ce/seed0/pretrain0/last.pth: the study's length
+        steps = int(run[8:]) if run.startswith("ce_iters") else real_study.MULTI_PRETRAIN_ITERS
         out = Path(argv[argv.index("--out") + 1])
         k = studies.SOURCES.index(argv[argv.index("--dataset") + 1])
         out.parent.mkdir(parents=True, exist_ok=True)
