@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import finetune  # noqa: E402
 import pretrain_eval  # noqa: E402
+from plot_log import read_log  # noqa: E402
 from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
                        efficiency_plot, git_commit, job_commits, job_hours, pretrain, run_once,
                        summarise, write_markdown)
@@ -410,9 +411,8 @@ def mined_fractions(work: Path) -> dict[int, float]:
     fractions = {}
     for log in sorted(work.glob("mdp_unlabelled/seed*/pretrain0/log.jsonl")):
         if (log.parent / "done").exists():
-            records = [json.loads(line) for line in log.read_text().splitlines() if line]
-            last = [r["mined_frac"] for r in records if "mined_frac" in r
-                    and r["step"] > records[-1]["step"] - 100]
+            series = read_log(log).get("mined_frac", [])  # (step, value); a resumed step once
+            last = [v for step, v in series if step > series[-1][0] - 100] if series else []
             fractions[int(log.parents[1].name[4:])] = float(np.mean(last)) if last else 0.0
     return fractions
 

@@ -141,9 +141,10 @@ def job_commits(work: Path) -> str:
 
 def job_hours(work: Path) -> str:
     """The finished jobs' wall time, e.g. '3.2 h over 12 jobs (2 not timed)'."""
-    timed = [float(f.with_name("seconds").read_text()) for f in work.rglob("done")
+    done = list(work.rglob("done"))
+    timed = [float(f.with_name("seconds").read_text()) for f in done
              if f.with_name("seconds").is_file()]
-    untimed = sum(1 for _ in work.rglob("done")) - len(timed)
+    untimed = len(done) - len(timed)
     return (f"{sum(timed) / 3600:.1f} h over {len(timed)} jobs"
             + (f" ({untimed} not timed)" if untimed else ""))
 

@@ -259,6 +259,8 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
         run.mkdir(parents=True)
         (run / "log.jsonl").write_text("".join(json.dumps({"step": 50 * (k + 1), "mined_frac": f})
                                                + "\n" for k, f in enumerate(fracs)))
+    with open(tmp_path / "mdp_unlabelled" / "seed0" / "pretrain0" / "log.jsonl", "a") as log:
+        log.write(json.dumps({"step": 200, "mined_frac": 0.3}) + "\n")  # resumed: step 200 again
     (tmp_path / "mdp_unlabelled" / "seed0" / "pretrain0" / "done").write_text("abc\n")
     got = real_study.mined_fractions(tmp_path)  # seed 0: steps 150 and 200 are within 100 of 200
     assert got.keys() == {0} and abs(got[0] - 0.25) < 1e-12
