@@ -170,8 +170,6 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
         raise AssertionError("a kept (row, seed) was rerun")
     monkeypatch.setattr(real_study, "pretrain", must_not_run)
     monkeypatch.setattr(real_study, "evaluate_all", must_not_run)
-    monkeypatch.setattr(studies, "MULTI_EVALS", {
-        n: (d, f, fr, it or 480) for n, (d, f, fr, it) in studies.MULTI_EVALS.items()})
     monkeypatch.setattr(sys, "argv", ["real_study.py"])
     argv = ["--study", "multi", "--rows", "mdp", "--seeds", "1", "--work-dir", str(work),
             "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
