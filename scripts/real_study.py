@@ -309,7 +309,10 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     results_dir = Path(args.results_dir)
     table = summarise(runs, evals)
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
-    marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
+    # the jobs of the table's (row, seed)s only: the length rules' own runs are not counted
+    done = {(r, s): list((work / r / f"seed{s}").rglob("done")) for r in runs for s in runs[r]}
+    jobs = [f for fs in done.values() for f in fs]
+    marks = sorted(f.stat().st_mtime for f in jobs)
     argv = [a for a in sys.argv[1:] if a != "--table-only"]  # the command that ran the jobs
     ft_iters = max((study.evals[n][3] for n in evals if "--model" not in study.evals[n][1]),
                    default=0)
@@ -321,10 +324,10 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
              f"statistics)")) if wanted)
     command = placeholders(shlex.join(["python", "scripts/real_study.py", *argv]), args, work)
     timing = (f"{len(marks)} jobs here, the last finished {(marks[-1] - marks[0]) / 60:.0f} min "
-              f"after the first; their wall time {job_hours(work)} on {os.cpu_count()} CPU "
+              f"after the first; their wall time {job_hours(jobs)} on {os.cpu_count()} CPU "
               f"cores" if marks else "no job run here")
-    here, before = job_commits(work), previous_provenance(results_dir / f"{name}.json")
-    kept = any(not any(work.glob(f"{r}/seed{s}/**/done")) for r in runs for s in runs[r])
+    here, before = job_commits(jobs), previous_provenance(results_dir / f"{name}.json")
+    kept = not all(done.values())  # a (row, seed) whose outputs are gone: kept from the json
     made = ", ".join(filter(None, [here, KEPT + before if kept and
                                    before else ""]))
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "

@@ -130,18 +130,17 @@ def run_once(done: Path, fn, argv: list[str]) -> None:
     done.write_text(git_commit() + "\n")
 
 
-def job_commits(work: Path) -> str:
-    """The commits a study's finished jobs ran at, e.g. '0ad04c8 (52 jobs)'."""
+def job_commits(done: list[Path]) -> str:
+    """The commits the finished jobs (their `done` files) ran at, e.g. '0ad04c8 (52 jobs)'."""
     seen: dict[str, int] = {}
-    for f in work.rglob("done"):
+    for f in done:
         key = f.read_text().strip() or "not recorded"
         seen[key] = seen.get(key, 0) + 1
     return ", ".join(f"{c} ({n} jobs)" for c, n in sorted(seen.items()))
 
 
-def job_hours(work: Path) -> str:
-    """The finished jobs' wall time, e.g. '3.2 h over 12 jobs (2 not timed)'."""
-    done = list(work.rglob("done"))
+def job_hours(done: list[Path]) -> str:
+    """The finished jobs' (their `done` files') wall time, e.g. '3.2 h over 12 jobs (2 not timed)'."""
     timed = [float(f.with_name("seconds").read_text()) for f in done
              if f.with_name("seconds").is_file()]
     untimed = len(done) - len(timed)
@@ -361,11 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/reproduce.py" + (" --quick" if args.quick else "") + (
         "" if args.rows == list(ROWS) else " --rows " + " ".join(args.rows))
     # where each row came from: this call, or (kept rows) whatever made them, carried over
-    made_now = (f"`{command}` at commit {git_commit()}, jobs run at {job_commits(work)}, "
+    done = list(work.rglob("done"))
+    made_now = (f"`{command}` at commit {git_commit()}, jobs run at {job_commits(done)}, "
                 f"{seeds} seed(s)")
     made = {r: made_now for r in args.rows} | kept
     # wall clock from the jobs' own marks, so a rerun that only rebuilds the table reports it too
-    marks = sorted(f.stat().st_mtime for f in work.rglob("done"))
+    marks = sorted(f.stat().st_mtime for f in done)
     header = (f"Toy reproduction: {made_now}; pretraining {p_iters} steps, fine-tuning {f_iters} "
               f"steps, {ARCH}; {len(marks)} jobs, the last finished "
               f"{(marks[-1] - marks[0]) / 60:.0f} min after the first ({os.cpu_count()} CPU "

@@ -31,6 +31,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
         for name, v in zip(studies.EVALS, vals):
             fake_job(work, row, seed, name, v)
     fake_job(work, "random", 1, "linear probe", 99.0)
+    fake_job(work, "ce_iters1200", 0, "linear probe", 1.0)  # a rule's run: not a job of the table
     monkeypatch.setattr(sys, "argv", ["real_study.py", "--table-only"])
     real_study.main(["--table-only", "--seeds", "2", "--rows", "random", "ce", "mdp",
                      "--work-dir", str(work), "--results-dir", str(results)])
@@ -48,7 +49,8 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
     assert probe["diff"] == pytest.approx(42.0 - 37.0) and probe["noise"] == pytest.approx(3.0)
     assert probe["verdict"] == "holds"
     text = (results / "real_table.md").read_text()
-    assert "abc1234 (16 jobs)" in text and "--table-only" not in text
+    # the jobs of the table's (row, seed)s: 5 x 3 evaluations (neither random seed 1 nor the rule run)
+    assert "abc1234 (15 jobs)" in text and "15 jobs here" in text and "--table-only" not in text
     assert "fine-tuning DeepLabV3 120 steps" in text and "linear probe 200 steps" in text
     assert "| MDP | 42.00 ± 2.00 | 32.00 ± 2.00 | 51.00 ± 1.00 |" in text
     assert (results / "real_table.png").stat().st_size > 1000

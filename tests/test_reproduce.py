@@ -111,7 +111,7 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
     run_once(done, preempted, ["--x"])  # finished: skipped
     assert len(calls) == 2
     assert (tmp_path / "seconds").read_text() == "3600\n"  # both parts timed: 1000 s + 2600 s
-    assert reproduce.job_hours(tmp_path) == "1.0 h over 1 jobs"
+    assert reproduce.job_hours([done]) == "1.0 h over 1 jobs"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "done").write_text("abc\n")  # finished before jobs were timed
-    assert reproduce.job_hours(tmp_path) == "1.0 h over 1 jobs (1 not timed)"
+    assert reproduce.job_hours([done, tmp_path / "other" / "done"]) == "1.0 h over 1 jobs (1 not timed)"
