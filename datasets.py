@@ -402,15 +402,8 @@ def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
 
 def voc_palette() -> list[int]:
     """The 256-entry PASCAL VOC colour map (bit-interleaved), as PIL putpalette expects."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        for j in range(8):
-            r |= ((i >> 3 * j) & 1) << (7 - j)
-            g |= ((i >> 3 * j + 1) & 1) << (7 - j)
-            b |= ((i >> 3 * j + 2) & 1) << (7 - j)
-        pal += [r, g, b]
-    return pal
+    # channel k of colour i collects bits k, k+3, k+6 of i, most significant first
+    return [sum(((i >> (3 * j + k)) & 1) << (7 - j) for j in range(8)) for i in range(256) for k in range(3)]
 
 
 # ------------------------------------------------------------------------------------ multi-dataset

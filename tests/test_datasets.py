@@ -379,3 +379,12 @@ def test_info_cli(toy_root, capsys):
                          cwd=Path(D.__file__).parent, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: unknown dataset 'pascal'")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_voc_palette_matches_the_devkit_colours() -> None:
+    pal = D.voc_palette()
+    colour = {i: pal[3 * i: 3 * i + 3] for i in range(256)}
+    assert len(pal) == 768
+    # PASCAL VOC devkit colours: background, aeroplane, bicycle, person (15), tvmonitor (20)
+    assert colour[0] == [0, 0, 0] and colour[1] == [128, 0, 0] and colour[2] == [0, 128, 0]
+    assert colour[15] == [192, 128, 128] and colour[20] == [0, 64, 128]
