@@ -132,8 +132,9 @@ def write_table(runs: dict[str, dict[int, dict]], args: argparse.Namespace) -> N
                           *[a for a in sys.argv[1:] if a != "--table-only"]])
     command = command.replace(str(args.data_root), "DATA").replace(str(args.work_dir), "RUNS")
     seeds = sorted({s for by in runs.values() for s in by})
+    jobs = list(args.work_dir.rglob("done"))
     lines = [f"M4 mechanism study on CamVid: `{command}`, table built at commit {git_commit()}, "
-             f"jobs run at {job_commits(list(args.work_dir.rglob('done')))}. Seeds {seeds}; every row is the real "
+             f"jobs run at {job_commits(jobs)}. Seeds {seeds}; every row is the real "
              f"study's pretraining protocol (resnet14, output stride 16, 96×128 crops, 300 steps, "
              f"AdamW 1e-3, bank 64, τ 0.07) with one change, evaluated at the study's protocol "
              f"(output stride 16). Cells: mean ± std over seeds (per-seed values). Measures as in "

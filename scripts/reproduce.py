@@ -140,7 +140,8 @@ def job_commits(done: list[Path]) -> str:
 
 
 def job_hours(done: list[Path]) -> str:
-    """The finished jobs' (their `done` files') wall time, e.g. '3.2 h over 12 jobs (2 not timed)'."""
+    """The finished jobs' (their `done` files') wall time, e.g. '3.2 h over 12 jobs (2 not
+    timed)'."""
     timed = [float(f.with_name("seconds").read_text()) for f in done
              if f.with_name("seconds").is_file()]
     untimed = len(done) - len(timed)

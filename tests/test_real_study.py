@@ -49,7 +49,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
     assert probe["diff"] == pytest.approx(42.0 - 37.0) and probe["noise"] == pytest.approx(3.0)
     assert probe["verdict"] == "holds"
     text = (results / "real_table.md").read_text()
-    # the jobs of the table's (row, seed)s: 5 x 3 evaluations (neither random seed 1 nor the rule run)
+    # the jobs of the table's (row, seed)s: 5 x 3 evaluations (not random seed 1, not the rule run)
     assert "abc1234 (15 jobs)" in text and "15 jobs here" in text and "--table-only" not in text
     assert "fine-tuning DeepLabV3 120 steps" in text and "linear probe 200 steps" in text
     assert "| MDP | 42.00 ± 2.00 | 32.00 ± 2.00 | 51.00 ± 1.00 |" in text

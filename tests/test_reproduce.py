@@ -114,4 +114,5 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
     assert reproduce.job_hours([done]) == "1.0 h over 1 jobs"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "done").write_text("abc\n")  # finished before jobs were timed
-    assert reproduce.job_hours([done, tmp_path / "other" / "done"]) == "1.0 h over 1 jobs (1 not timed)"
+    both = [done, tmp_path / "other" / "done"]
+    assert reproduce.job_hours(both) == "1.0 h over 1 jobs (1 not timed)"
