@@ -312,7 +312,6 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     # the jobs of the table's (row, seed)s only: the length rules' own runs are not counted
     done = {(r, s): list((work / r / f"seed{s}").rglob("done")) for r in runs for s in runs[r]}
     jobs = [f for fs in done.values() for f in fs]
-    marks = sorted(f.stat().st_mtime for f in jobs)
     argv = [a for a in sys.argv[1:] if a != "--table-only"]  # the command that ran the jobs
     ft_iters = max((study.evals[n][3] for n in evals if "--model" not in study.evals[n][1]),
                    default=0)
@@ -323,9 +322,9 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
              f", linear probe {PROBE_ITERS // scale} steps (SGD 0.1, frozen backbone and BN "
              f"statistics)")) if wanted)
     command = placeholders(shlex.join(["python", "scripts/real_study.py", *argv]), args, work)
-    timing = (f"{len(marks)} jobs here, the last finished {(marks[-1] - marks[0]) / 60:.0f} min "
-              f"after the first; their wall time {job_hours(jobs)} on {os.cpu_count()} CPU "
-              f"cores" if marks else "no job run here")
+    # summed job time, not first-to-last: a study that runs over several sessions has gaps
+    timing = (f"{len(jobs)} jobs here; their wall time {job_hours(jobs)} on {os.cpu_count()} CPU "
+              f"cores" if jobs else "no job run here")
     here, before = job_commits(jobs), previous_provenance(results_dir / f"{name}.json")
     kept = not all(done.values())  # a (row, seed) whose outputs are gone: kept from the json
     made = ", ".join(filter(None, [here, KEPT + before if kept and
