@@ -421,7 +421,8 @@ def mined_fractions(work: Path) -> dict[int, float]:
 
 def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> str:
     """The own-task diagnostic: one number per seed (one source), or per source the mean over
-    seeds of the own-task mIoU and of the class-mean cosine (several sources)."""
+    seeds of the own-task mIoU, the class-mean cosine and the backbone's effective rank (several
+    sources)."""
     text = ("\nDiagnostic (`--own-task`): each pretraining checkpoint on its own task, val mIoU "
             "(scripts/pretrain_eval.py: MDP by the nearest prototype, CE by its classifier)")
     if len(study.sources) == 1:
@@ -429,16 +430,17 @@ def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> 
         return text + "".join(f"| {study.labels[r]} | {', '.join(f'{v:.2f}' for v in by.values())}"
                               f" | {np.mean(list(by.values())):.2f} |\n" for r, by in own.items())
     names = [s.removeprefix("folder:") for s in study.sources]
-    text += (", and the mean cosine between its classes' mean embeddings (`--stats`), each the "
-             "mean over seeds on the source's val:\n\n| row | " + " | ".join(
-                 f"{n} own task / class-mean cos" for n in names) + " |\n|---|"
-             + "---:|" * len(names) + "\n")
+    text += (", the mean cosine between its classes' mean embeddings and the effective rank of its "
+             "2048-d backbone features (`--stats`), each the mean over seeds on the source's val:"
+             "\n\n| row | " + " | ".join(f"{n} own task / class-mean cos / backbone rank"
+                                      for n in names) + " |\n|---|" + "---:|" * len(names) + "\n")
     for r, by in own.items():
         cells = []
         for src in study.sources:
             got = [v[src] for v in by.values() if src in v]
             cells.append("—" if not got else f"{np.mean([g['mIoU'] for g in got]):.2f} / "
-                         f"{np.mean([g['stats']['class_mean_cos_mean'] for g in got]):.3f}")
+                         f"{np.mean([g['stats']['class_mean_cos_mean'] for g in got]):.3f} / "
+                         f"{np.mean([g['stats']['backbone_effective_rank'] for g in got]):.0f}")
         text += f"| {study.labels[r]} | " + " | ".join(cells) + " |\n"
     return text
 

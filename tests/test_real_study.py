@@ -188,11 +188,14 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
 def test_multi_own_task_table_by_hand() -> None:
     study = studies.make_study("multi", "folder:camvid")
     src = studies.SOURCES
-    own = {"mdp": {s: {d: {"mIoU": 10.0 * (k + 1) + s, "stats": {"class_mean_cos_mean": 0.5 + s / 10}}
+    own = {"mdp": {s: {d: {"mIoU": 10.0 * (k + 1) + s,
+                           "stats": {"class_mean_cos_mean": 0.5 + s / 10,
+                                     "backbone_effective_rank": 100.0 * (k + 1) + 10 * s}}
                        for k, d in enumerate(src)} for s in (0, 1)}}
     text = real_study.own_task_markdown(own, study)
-    # per source: the mean over seeds 0 and 1 of mIoU (10 + s, 20 + s, 30 + s) and cos (0.5, 0.6)
-    assert "| MDP | 10.50 / 0.550 | 20.50 / 0.550 | 30.50 / 0.550 |" in text
+    # per source: the mean over seeds 0 and 1 of mIoU (10 + s, 20 + s, 30 + s), cos (0.5, 0.6)
+    # and backbone rank (100 + 10 s, 200 + 10 s, 300 + 10 s)
+    assert "| MDP | 10.50 / 0.550 / 105 | 20.50 / 0.550 / 205 | 30.50 / 0.550 / 305 |" in text
 
 
 @pytest.mark.parametrize("learned_at, chosen", [(240, 240), (960, 960), (None, 960)])
