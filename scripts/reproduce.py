@@ -236,7 +236,7 @@ def check_claims(table: dict, targets: list[str], claims: list = CLAIMS) -> list
             diff, noise = a["mean"] - b["mean"], a["std"] + b["std"]
             verdict = ("tie" if diff == 0 else "holds" if diff > noise else
                        "reversed" if diff < -noise else "within seed noise")
-            if a["n"] < 2 and diff != 0:
+            if min(a["n"], b["n"]) < 2 and diff != 0:  # no spread to read it against
                 verdict = ("holds" if diff > 0 else "reversed") + " (1 seed)"
             checks.append({"claim": claim, "target": t, "better": better, "worse": worse,
                            "diff": diff, "noise": noise, "verdict": verdict, "source": source})

@@ -116,3 +116,25 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
     (tmp_path / "other" / "done").write_text("abc\n")  # finished before jobs were timed
     both = [done, tmp_path / "other" / "done"]
     assert reproduce.job_hours(both) == "1.0 h over 1 jobs (1 not timed)"
+
+
+def test_claim_verdicts_against_the_seed_spread_by_hand() -> None:
+    """Each claim's verdict from the means and the summed population stds, worked by hand; a
+    comparison in which either row has one seed has no spread to read it against."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reproduce import check_claims, summarise
+
+    runs = {"a": {0: {"t": {"mIoU": 30.0}}, 1: {"t": {"mIoU": 34.0}}},  # 32 ± 2
+            "b": {0: {"t": {"mIoU": 27.0}}, 1: {"t": {"mIoU": 27.0}}},  # 27 ± 0
+            "c": {0: {"t": {"mIoU": 31.0}}, 1: {"t": {"mIoU": 29.0}}},  # 30 ± 1
+            "d": {0: {"t": {"mIoU": 20.0}}}}  # one seed
+    claims = [("a > b", "a", "b", ["t"], ""), ("a > c", "a", "c", ["t"], ""),
+              ("b > c", "b", "c", ["t"], ""), ("a > d", "a", "d", ["t"], ""),
+              ("d > a", "d", "a", ["t"], ""), ("a > e", "a", "e", ["t"], "")]
+    got = {c["claim"]: c for c in check_claims(summarise(runs, ["t"]), ["t"], claims)}
+    assert {k: (c["diff"], c["noise"], c["verdict"]) for k, c in got.items()} == {
+        "a > b": (5.0, 2.0, "holds"),  # 5 > 2 + 0
+        "a > c": (2.0, 3.0, "within seed noise"),  # |2| < 2 + 1
+        "b > c": (-3.0, 1.0, "reversed"),  # -3 < -(0 + 1)
+        "a > d": (12.0, 2.0, "holds (1 seed)"),  # d has one seed: no spread, whichever side
+        "d > a": (-12.0, 2.0, "reversed (1 seed)")}  # a row not in the table: no check
