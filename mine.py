@@ -168,6 +168,13 @@ def picture(x: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor,
     return canvas
 
 
+def quantiles(conf: torch.Tensor) -> dict[str, float]:
+    """Median, 90th percentile and max of features' top probabilities (N,): what a threshold
+    would mine, e.g. why the default 0.9 mines nothing from prototypes that are close together."""
+    q = torch.quantile(conf.float(), torch.tensor([0.5, 0.9, 1.0]))
+    return {"median": q[0].item(), "p90": q[1].item(), "max": q[2].item()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = utils.ArgumentParser(description="write the pseudo-labels that a pretraining checkpoint's "
                                          "prototypes give unlabelled images (METHOD.md M10)")
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     if state.get("logit_scale"):  # --learn-tau: the temperature training ended with
         tau = float(LogitScale.tau_of(state["logit_scale"]["log_scale"]))
     legend = {"ckpt": str(args.ckpt), "threshold": threshold, "tau": tau, "images": []}
+    confidences = []  # every feature's top probability: where the threshold falls among them
     for i in range(min(args.num, len(reader))):
         x = data[i][0]  # (3, H, W) normalised
         with torch.no_grad():
@@ -230,11 +238,17 @@ def main(argv: list[str] | None = None) -> None:
         name = f"{i:03d}_{Path(reader.files[i]).stem}.png"
         picture(x, labels, conf, colours, rows).save(args.out / name)
         mined = (labels != IGNORE).float().mean().item()
+        confidences.append(conf.flatten())
         legend["images"].append({"png": name, "image": str(reader.files[i]), "mined_frac": mined,
+                                 "confidence": quantiles(conf.flatten()),
                                  "classes": [{"id": c, "name": n, "frac": f}
                                              for c, (n, _, f) in zip(top, rows)]})
         print(f"{args.out / name}: {100 * mined:.0f}% mined; "
               + ", ".join(f"{n} {100 * f:.0f}%" for n, _, f in rows))
+    legend["confidence"] = quantiles(torch.cat(confidences))
+    print(f"top prototype probability of the {len(confidences)} images' features: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in legend["confidence"].items())
+          + f"; the threshold is {threshold}")
     (args.out / "legend.json").write_text(json.dumps(legend, indent=1))
     print(f"wrote {args.out / 'legend.json'} (panels: image | pseudo-labels, below the threshold "
           f"{threshold} left clear | confidence, white = 1 | the largest mined classes)")

@@ -319,6 +319,20 @@ def test_mine_cli_writes_pngs_and_legend(toy_root: Path, tmp_path: Path) -> None
     legend = json.loads((out / "f" / "legend.json").read_text())
     assert legend["threshold"] == 0.9 and len(legend["images"]) == 4
     assert legend["images"][0]["image"] == str(sorted(folder.glob("*.jpg"))[0])
+    # the confidence summary says where a threshold falls: at each image's max it mines that
+    # image, just above every max it mines nothing
+    peaks = [rec["confidence"]["max"] for rec in legend["images"]]
+    assert legend["confidence"]["max"] == max(peaks)
+    for rec in legend["images"]:
+        c = rec["confidence"]
+        assert 0 < c["median"] <= c["p90"] <= c["max"] <= 1
+    for threshold, mines in ((min(peaks), True), (torch.nextafter(torch.tensor(max(peaks)),
+                                                                   torch.tensor(2.0)).item(), False)):
+        r = mine_cli(["--ckpt", str(ckpt), "--images", str(folder.parent), "--out",
+                      str(out / "t"), "--base-size", "64", "32", "--threshold", repr(threshold)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = json.loads((out / "t" / "legend.json").read_text())["images"]
+        assert [rec["mined_frac"] > 0 for rec in got] == [mines] * 4
 
     # bad input: one line
     one_error_line(mine_cli(["--ckpt", str(tmp_path / "none.pth"), "--images", "coco_stuff",
