@@ -51,7 +51,7 @@ from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
                        efficiency_plot, git_commit, job_commits, job_hours, pretrain, run_once,
                        summarise, write_markdown)
 from studies import (ARCH, CAMVID_EVALS, DOWNSTREAM, EVALS, FINETUNE,  # noqa: E402
-                     MULTI_PRETRAIN_ITERS, MULTI_ROWS, NO_CHANGE, OUTPUT_STRIDE, PRETRAIN,
+                     MULTI_PRETRAIN_ITERS, MULTI_ROWS, MINING, NO_CHANGE, OUTPUT_STRIDE, PRETRAIN,
                      PROBE_ITERS, SIZE, SOURCE_PROBES, SOURCES, Study, make_study)
 
 
@@ -378,7 +378,8 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
     CamVid evaluations) and on the sources (the three probes): it holds when it holds on at least
     two of the three and is reversed on none ("changes nothing": within seed noise on all three);
     reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
-    with an evaluation missing is not read yet."""
+    with an evaluation missing is not read yet; mining that fired at no seed leaves its claim
+    untested."""
     lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
              "the group's evaluations):", "", "| claim | unseen: CamVid | seen: source probes |",
              "|---|---|---|"]
@@ -391,12 +392,15 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
                 continue
             n = {v: sum(c["verdict"].startswith(v) for c in got)
                  for v in ("holds", "reversed", "within")}
-            if claim == NO_CHANGE:
+            if claim == MINING and not any(v > 0 for v in mined.values()):
+                verdict = "not tested: mining did not fire"  # its differences are not mining's
+            elif claim == NO_CHANGE:
                 verdict = "holds" if n["within"] == len(group) else "does not hold"
             else:
                 verdict = ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
                            if n["reversed"] >= 2 and not n["holds"] else "does not hold")
-            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) else ""
+            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) and not \
+                verdict.startswith("not tested") else ""
             cells.append(f"{verdict}{one} ({n['holds']} / {n['reversed']} / {n['within']})")
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     if mined:

@@ -250,12 +250,16 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
               + [check("B", src[0], "holds")]
               + [check(studies.NO_CHANGE, t, "within seed noise") for t in cam]
               + [check(studies.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
-                                                                   + ["holds"])])
+                                                                   + ["holds"])]
+              + [check(studies.MINING, t, "holds (1 seed)") for t in cam])
     text = real_study.verdicts_markdown(checks, {0: 0.0, 1: 0.0})
     assert "| A | holds (2 / 0 / 1) | does not hold (2 / 1 / 0) |" in text
     assert "| B | does not hold (1 seed) (1 / 2 / 0) | not read yet |" in text
     assert f"| {studies.NO_CHANGE} | holds (0 / 0 / 3) | does not hold (1 / 0 / 2) |" in text
     assert "mining did not fire at this budget" in text
+    assert f"| {studies.MINING} | not tested: mining did not fire (3 / 0 / 0) | — |" in text
+    assert f"| {studies.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in real_study.verdicts_markdown(
+        checks, {0: 0.0, 1: 0.01})  # fired at one seed: read by the rule
     # mined_frac: the mean of the records in the last 100 steps, finished runs only
     for seed, fracs in ((0, [0.5, 0.1, 0.2, 0.3]), (1, [0.9])):
         run = tmp_path / "mdp_unlabelled" / f"seed{seed}" / "pretrain0"
