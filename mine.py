@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         mined = (labels != IGNORE).float().mean().item()
         confidences.append(conf.flatten())
         legend["images"].append({"png": name, "image": str(reader.files[i]), "mined_frac": mined,
-                                 "confidence": quantiles(conf.flatten()),
+                                 "confidence": quantiles(confidences[-1]),
                                  "classes": [{"id": c, "name": n, "frac": f}
                                              for c, (n, _, f) in zip(top, rows)]})
         print(f"{args.out / name}: {100 * mined:.0f}% mined; "

@@ -383,6 +383,7 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
     lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
              "the group's evaluations):", "", "| claim | unseen: CamVid | seen: source probes |",
              "|---|---|---|"]
+    fired = any(v > 0 for v in mined.values())
     for claim in dict.fromkeys(c["claim"] for c in checks):
         cells = []
         for group in (CAMVID_EVALS, SOURCE_PROBES):
@@ -392,19 +393,19 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
                 continue
             n = {v: sum(c["verdict"].startswith(v) for c in got)
                  for v in ("holds", "reversed", "within")}
-            if claim == MINING and not any(v > 0 for v in mined.values()):
-                verdict = "not tested: mining did not fire"  # its differences are not mining's
-            elif claim == NO_CHANGE:
+            counts = f"({n['holds']} / {n['reversed']} / {n['within']})"
+            if claim == MINING and not fired:  # its differences are not mining's
+                cells.append(f"not tested: mining did not fire {counts}")
+                continue
+            if claim == NO_CHANGE:
                 verdict = "holds" if n["within"] == len(group) else "does not hold"
             else:
                 verdict = ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
                            if n["reversed"] >= 2 and not n["holds"] else "does not hold")
-            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) and not \
-                verdict.startswith("not tested") else ""
-            cells.append(f"{verdict}{one} ({n['holds']} / {n['reversed']} / {n['within']})")
+            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) else ""
+            cells.append(f"{verdict}{one} {counts}")
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     if mined:
-        fired = any(v > 0 for v in mined.values())
         lines += ["", "Mining (M10), `mined_frac` over the last 100 pretraining steps of "
                   "mdp_unlabelled: " + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined.items())
                   + ("." if fired else "; mining did not fire at this budget, so the claim "
