@@ -113,21 +113,34 @@ def run_once(done: Path, fn, argv: list[str]) -> None:
     """Runs fn(argv) unless `done` exists; writes `done` afterwards, holding the commit the job ran
     at (resumable study). A job cut off before (SIGTERM saves OUT_DIR/last.pth, beside `done`)
     continues from that checkpoint, bit for bit; its wall time, summed over the parts, goes to
-    `seconds` beside `done`."""
+    `seconds` beside `done`. A part killed outright (SIGKILL: no `finally`) leaves its start in
+    `started` and is counted up to its last checkpoint, the work the next part keeps."""
     if done.exists():
         return
-    if (done.parent / "last.pth").is_file():
-        argv = argv + ["--resume", str(done.parent / "last.pth")]
+    ckpt, started = done.parent / "last.pth", done.parent / "started"
+    if started.is_file():
+        if ckpt.is_file():
+            add_seconds(done, ckpt.stat().st_mtime - float(started.read_text()))
+        started.unlink()
+    if ckpt.is_file():
+        argv = argv + ["--resume", str(ckpt)]
     print(f"\n$ {fn.__module__}.py {' '.join(argv)}", flush=True)
+    done.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    started.write_text(f"{start}\n")
     try:
         fn(argv)
     finally:
-        if done.parent.is_dir():
-            spent = done.parent / "seconds"
-            before = float(spent.read_text()) if spent.is_file() else 0.0
-            spent.write_text(f"{before + time.time() - start:.0f}\n")
+        add_seconds(done, time.time() - start)
+        started.unlink()
     done.write_text(git_commit() + "\n")
+
+
+def add_seconds(done: Path, seconds: float) -> None:
+    """Adds a part's wall time to the job's `seconds` beside `done`."""
+    spent = done.parent / "seconds"
+    before = float(spent.read_text()) if spent.is_file() else 0.0
+    spent.write_text(f"{before + max(seconds, 0.0):.0f}\n")
 
 
 def job_commits(done: list[Path]) -> str:

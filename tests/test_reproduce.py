@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -116,6 +117,29 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
     (tmp_path / "other" / "done").write_text("abc\n")  # finished before jobs were timed
     both = [done, tmp_path / "other" / "done"]
     assert reproduce.job_hours(both) == "1.0 h over 1 jobs (1 not timed)"
+
+
+def test_a_killed_part_is_timed_to_its_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A session's end may SIGKILL a job: no `finally` runs, so the part leaves `started` behind.
+    The rerun counts that part from its start to its last checkpoint's write, then its own."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+    from reproduce import run_once
+
+    clock = iter([10_000.0, 10_500.0])  # start and end of the rerun
+    monkeypatch.setattr(reproduce, "time", SimpleNamespace(time=lambda: next(clock)))
+    (tmp_path / "started").write_text("1000.0\n")  # the killed part began at t = 1000 s ...
+    (tmp_path / "last.pth").write_bytes(b"")
+    os.utime(tmp_path / "last.pth", (1720.0, 1720.0))  # ... and saved its last checkpoint at 1720 s
+    calls = []
+
+    def resumed(argv: list[str]) -> None:
+        calls.append(argv)
+        assert float((tmp_path / "started").read_text()) == 10_000.0  # this part's start, kept
+    run_once(tmp_path / "done", resumed, ["--x"])
+    assert calls == [["--x", "--resume", str(tmp_path / "last.pth")]]
+    assert (tmp_path / "seconds").read_text() == "1220\n"  # 720 s killed part + 500 s rerun
+    assert not (tmp_path / "started").exists() and (tmp_path / "done").exists()
 
 
 def test_claim_verdicts_against_the_seed_spread_by_hand() -> None:
