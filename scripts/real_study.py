@@ -17,8 +17,9 @@ The rows, evaluations and protocol constants of both studies are in scripts/stud
 Every job is train_pretrain.py or finetune.py called in-process (scripts/reproduce.py's runner), so
 finished jobs are skipped and an interrupted study just continues; run outputs live in --work-dir
 (default $HOME/mdp-runs/<study>), outside the repository. The committed results json carries every
-finished (row, seed) with its provenance, so a study spread over machines whose run outputs are
-gone continues where the table stops: a (row, seed) the json already holds is kept, not rerun.
+finished (row, seed) with its provenance (and the header their wall time, the json mining's
+mined_frac), so a study spread over machines whose run outputs are gone continues where the table
+stops: a (row, seed) the json already holds is kept, not rerun.
 The table is rebuilt from whatever has finished, so it can be committed while the study fills in.
 Writes results/<table>.md, .json and .png (bars with the seed spread, and mIoU against the
 fraction of labelled images).
@@ -170,13 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     table()
 
 
-def previous_provenance(path: Path) -> str:
-    """The committed table's 'jobs run at ...' clause, carried when its rows are kept."""
-    if not path.is_file():
-        return ""
-    header = json.loads(path.read_text()).get("header", "")
-    clause = header.split("jobs run at ", 1)[1].split(";", 1)[0] if "jobs run at " in header else ""
-    return clause.split(KEPT, 1)[-1]  # a rebuilt table's clause holds the original one
+def carried(header: str, start: str, end: str) -> str:
+    """The committed header's clause from `start` to `end` (its provenance, its wall time), carried
+    into the rebuilt header while its (row, seed)s are kept; a rebuilt header's clause holds the
+    original one after KEPT, which is what is carried again."""
+    clause = header.split(start, 1)[1].split(end, 1)[0] if start in header else ""
+    return clause.split(KEPT, 1)[-1]
 
 
 KEPT = "kept from the committed json: "
@@ -322,13 +322,18 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
              f", linear probe {PROBE_ITERS // scale} steps (SGD 0.1, frozen backbone and BN "
              f"statistics)")) if wanted)
     command = placeholders(shlex.join(["python", "scripts/real_study.py", *argv]), args, work)
-    # summed job time, not first-to-last: a study that runs over several sessions has gaps
-    timing = (f"{len(jobs)} jobs here; their wall time {job_hours(jobs)} on {os.cpu_count()} CPU "
-              f"cores" if jobs else "no job run here")
-    here, before = job_commits(jobs), previous_provenance(results_dir / f"{name}.json")
+    previous = (json.loads((results_dir / f"{name}.json").read_text())
+                if (results_dir / f"{name}.json").is_file() else {})
     kept = not all(done.values())  # a (row, seed) whose outputs are gone: kept from the json
-    made = ", ".join(filter(None, [here, KEPT + before if kept and
-                                   before else ""]))
+    before = {what: carried(previous.get("header", ""), *ends) if kept else ""
+              for what, ends in (("made", ("jobs run at ", ";")),
+                                 ("time", ("their wall time ", ". ")))}
+    # summed job time, not first-to-last: a study that runs over several sessions has gaps
+    timing = "; ".join(filter(None, [
+        f"{len(jobs)} jobs here, their wall time {job_hours(jobs)} on {os.cpu_count()} CPU cores",
+        before["time"] and KEPT + before["time"]]))
+    made = ", ".join(filter(None, [job_commits(jobs) or "none here",
+                                   before["made"] and KEPT + before["made"]]))
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
               f"{made}; "
               f"{study.pretraining}; val mIoU (%), seeds {seeds} (mean ± std over "
@@ -345,8 +350,11 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     text = write_markdown(table, evals, results / f"{name}.md", header, study.labels, "{} mIoU")
     checks = check_claims(table, evals, study.claims)
     text += "\n" + claims_markdown(checks, "real")
+    # mdp_unlabelled's mined_frac per seed: from its log here, else as the committed json kept it
+    mined = {**{int(s): v for s, v in previous.get("mined", {}).items()}, **mined_fractions(work)}
+    mined = {s: mined[s] for s in sorted(mined) if s in runs.get("mdp_unlabelled", {})}
     if study.table == "multi_table":
-        text += verdicts_markdown(checks, mined_fractions(work))
+        text += verdicts_markdown(checks, mined)
     per_seed = ["", "Per seed (mIoU):", "", "| row | " + " | ".join(evals) + " |",
                 "|---|" + "---|" * len(evals)]
     per_seed += [f"| {study.labels[r]} | " + " | ".join(
@@ -358,7 +366,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     (results / f"{name}.md").write_text(text)
     print("\n" + text)
     (results / f"{name}.json").write_text(json.dumps(
-        {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {}},
+        {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {},
+         "mined": mined},
         indent=1))
     bars = bar_chart(table, evals, None, study.labels, "{} mIoU")
     parts = [p for p in (bars, efficiency_plot(table, bars.width, study.evals, study.labels)) if p is not None]

@@ -155,14 +155,18 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
                                                                 monkeypatch) -> None:
     """A (row, seed) finished on another machine (in the committed json, its run outputs gone) is
     kept as it is and not rerun; a (row, seed) finished here is read from its jobs; the header
-    carries both provenances and no machine path."""
+    carries both provenances and both wall times, once however often it is rebuilt, mining's
+    mined_frac of a kept seed is carried, and no machine path is written."""
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
     evals = list(studies.MULTI_EVALS)
     kept = {e: {"mIoU": 40.0 + k, "IoU": {}} for k, e in enumerate(evals)}
     (results / "multi_table.json").write_text(json.dumps({
-        "header": "Real-image study: `x`, table built at commit a, jobs run at 1234abc (9 jobs); y",
-        "runs": {"mdp": {"0": {**kept, "made": "1234abc"}}}}))
+        "header": "Real-image study: `x`, table built at commit a, jobs run at 1234abc (9 jobs); y"
+                  ". 9 jobs here; their wall time 2.0 h over 9 jobs on 2 CPU cores. Each",
+        "runs": {"mdp": {"0": {**kept, "made": "1234abc"}},
+                 "mdp_unlabelled": {"0": {**kept, "made": "1234abc"}}},
+        "mined": {"0": 0.125}}))
     for k, e in enumerate(evals):
         fake_job(work, "ce", 0, e, 30.0 + k)
     for d in ("camvid", "stanford_background", "msrc_v2", "labelmefacade"):
@@ -173,15 +177,23 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     monkeypatch.setattr(real_study, "pretrain", must_not_run)
     monkeypatch.setattr(real_study, "evaluate_all", must_not_run)
     monkeypatch.setattr(sys, "argv", ["real_study.py"])
-    argv = ["--study", "multi", "--rows", "mdp", "--seeds", "1", "--work-dir", str(work),
+    argv = ["--study", "multi", "--rows", "mdp", "mdp_unlabelled", "--seeds", "1", "--work-dir", str(work),
             "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
-    real_study.main(argv)  # runs nothing: mdp seed 0 is kept
-    real_study.main(argv[:2] + ["--rows", "ce", "mdp", "--table-only"] + argv[4:])
+    real_study.main(argv)  # runs nothing: both rows' seed 0 is kept
+    for _ in range(2):  # rebuilt twice: what is carried is not carried twice
+        real_study.main(argv[:2] + ["--rows", "ce", "mdp", "mdp_unlabelled", "--table-only"]
+                        + argv[5:])
     data = json.loads((results / "multi_table.json").read_text())
     assert data["runs"]["mdp"]["0"]["CamVid probe"]["mIoU"] == 40.0
     assert data["table"]["ce"]["CamVid all"]["mean"] == 32.0
     assert data["runs"]["ce"]["0"]["made"] == "abc1234"
-    assert "abc1234 (6 jobs), kept from the committed json: 1234abc (9 jobs)" in data["header"]
+    assert "abc1234 (6 jobs), kept from the committed json: 1234abc (9 jobs);" in data["header"]
+    assert ("6 jobs here, their wall time 0.0 h over 0 jobs (6 not timed) on "
+            in data["header"])  # the test's jobs have no `seconds`
+    assert data["header"].count("kept from the committed json: 2.0 h over 9 jobs on 2 CPU "
+                                "cores. ") == 1 and data["header"].count("kept from") == 2
+    assert data["mined"] == {"0": 0.125}
+    assert "mdp_unlabelled: seed 0: 0.125" in (results / "multi_table.md").read_text()
     assert str(tmp_path) not in (results / "multi_table.md").read_text()
 
 
