@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # image means; 8 steps x 8 images = 64 here.
 ARCH, OUTPUT_STRIDE = "resnet14", "16"
 PRETRAIN_ITERS, FINETUNE_ITERS, PROBE_ITERS = 300, 120, 200
+# fp32 everywhere: the studies ran on AVX2-only machines, where --amp auto means fp32; pinned so a
+# machine with native CPU bf16 (where auto means bf16) runs the same protocol.
 SIZE = ["--base-size", "240", "180", "--crop-size", "96", "128", "--arch", ARCH,
-        "--output-stride", OUTPUT_STRIDE, "--batch-size", "8", "--workers", "0"]
+        "--output-stride", OUTPUT_STRIDE, "--batch-size", "8", "--workers", "0", "--amp", "none"]
 PRETRAIN = SIZE + ["--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "1e-4",
                    "--schedule", "cosine", "--min-lr", "1e-5", "--warmup-iters", "15",
                    "--bank-size", "64", "--log-interval", "25", "--save-interval", "100"]
