@@ -284,3 +284,40 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     got = real_study.mined_fractions(tmp_path)  # seed 0: steps 150 and 200 are within 100 of 200
     assert got.keys() == {0} and abs(got[0] - 0.25) < 1e-12
     assert "seed 0: 0.250." in real_study.verdicts_markdown(checks, got)
+
+
+def test_rerun_job_runs_the_studys_job_and_sets_the_committed_value_beside(tmp_path: Path,
+                                                                           monkeypatch,
+                                                                           capsys) -> None:
+    import rerun_job
+    seen = []
+
+    def fake_finetune(argv: list[str]) -> None:
+        seen.append(argv)
+        out = Path(argv[argv.index("--out-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"mIoU": 12.5}))
+
+    monkeypatch.setattr(real_study.finetune, "main", fake_finetune)
+    rerun_job.main(["--data-root", "DATA", "--seed", "1", "--eval", "CamVid all",
+                    "--out-dir", str(tmp_path / "job")])
+    argv = seen[0]
+    flag = {k: argv[argv.index(k) + 1] for k in ("--ckpt", "--dataset", "--seed", "--iters",
+                                                 "--amp", "--data-root")}
+    assert flag == {"--ckpt": "none", "--dataset": "folder:camvid", "--seed": "1",
+                    "--iters": str(studies.MULTI_FINETUNE_ITERS), "--amp": "none",
+                    "--data-root": "DATA"}
+    committed = json.loads((ROOT / "results" / "multi_table.json").read_text())
+    before = committed["runs"]["random"]["1"]["CamVid all"]["mIoU"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # after the job's "$ ..." line
+    assert line.startswith("random seed 1 CamVid all: mIoU 12.50 here")
+    assert line.endswith(f"committed {before:.2f}")
+
+
+@pytest.mark.parametrize("args, says", [(["--eval", "nope"], "--eval 'nope': expected one of"),
+                                        (["--row", "ce"], "--row ce: random weights take no")])
+def test_rerun_job_bad_arguments(args: list[str], says: str) -> None:
+    import rerun_job
+    with pytest.raises(SystemExit) as e:
+        rerun_job.main(["--data-root", "DATA", *args])
+    assert str(e.value).startswith(says)
