@@ -19,7 +19,8 @@ finished jobs are skipped and an interrupted study just continues; run outputs l
 (default $HOME/mdp-runs/<study>), outside the repository. The committed results json carries every
 finished (row, seed) with its provenance (and the header their wall time, the json mining's
 mined_frac), so a study spread over machines whose run outputs are gone continues where the table
-stops: a (row, seed) the json already holds is kept, not rerun.
+stops: a (row, seed) the json already holds is kept, not rerun, and a rebuild over some of the
+rows (--rows) keeps the others as the json holds them.
 The table is rebuilt from whatever has finished, so it can be committed while the study fills in.
 Writes results/<table>.md, .json and .png (bars with the seed spread, and mIoU against the
 fraction of labelled images).
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def table() -> None:
         own = own_task(work, args, study, name) if args.own_task else {}
-        write_results(runs, args, scale, work, study, name, own)
+        # rows outside --rows keep what the json holds: a rebuild never drops a finished pair
+        others = {r: by_seed for r, by_seed in kept.items() if r not in args.rows}
+        write_results({**others, **runs}, args, scale, work, study, name, own)
     n_seeds = max([args.seeds or 0] + [study.seeds.get(r, 0) for r in args.rows] + [3])
     for seed in range(n_seeds):  # seed-major: a partial study has every row at some seeds
         for row in args.rows:
@@ -294,6 +297,8 @@ def own_task(work: Path, args: argparse.Namespace, study: Study,
             if res:
                 scores.setdefault(row, {})[seed] = (
                     res[study.sources[0]]["mIoU"] if len(study.sources) == 1 else res)
+    scores.update({r: {int(s): v for s, v in by.items()} for r, by in prev.items()
+                   if r not in args.rows})  # rows outside --rows: as the json holds them
     return scores
 
 

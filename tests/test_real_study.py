@@ -195,6 +195,17 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     assert data["mined"] == {"0": 0.125}
     assert "mdp_unlabelled: seed 0: 0.125" in (results / "multi_table.md").read_text()
     assert str(tmp_path) not in (results / "multi_table.md").read_text()
+    # a rebuild over a subset of the rows drops none of the others, nor their own task
+    stats = dict.fromkeys(["backbone_effective_rank", "embedding_effective_rank",
+                           "class_mean_length", "class_mean_cos_mean", "class_mean_cos_max"], 0.5)
+    data["own_task"] = {"mdp": {"0": {"folder:msrc_v2": {"mIoU": 12.5, "stats": stats}}}}
+    (results / "multi_table.json").write_text(json.dumps(data))
+    real_study.main(argv[:2] + ["--rows", "ce", "--table-only", "--own-task"] + argv[5:])
+    data = json.loads((results / "multi_table.json").read_text())
+    assert sorted(data["runs"]) == ["ce", "mdp", "mdp_unlabelled"]
+    assert data["runs"]["mdp_unlabelled"]["0"]["msrc_v2 probe"]["mIoU"] == 44.0
+    assert data["own_task"]["mdp"]["0"]["folder:msrc_v2"]["mIoU"] == 12.5
+    assert data["mined"] == {"0": 0.125}
 
 
 def test_multi_own_task_table_by_hand() -> None:
