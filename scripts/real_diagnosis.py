@@ -33,7 +33,7 @@ import studies  # noqa: E402
 import utils  # noqa: E402
 from datasets import RAW_IGNORE, MultiDataset, build_reader, eval_transform  # noqa: E402
 from mdp import MDPNet  # noqa: E402
-from reproduce import git_commit, job_commits, pretrain  # noqa: E402
+from reproduce import git_commit, job_commits, job_record, pretrain  # noqa: E402
 
 # row -> (pretraining flags on top of the study's, what changed); None: the untrained network
 ROWS: dict[str, tuple[list[str] | None, str]] = {
@@ -203,7 +203,7 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
         str(args.work_dir), "RUNS").replace(str(args.data_root), "DATA")  # no machine's paths
     jobs = list(args.work_dir.rglob("done"))
     lines = [f"MDP diagnosis on CamVid: `{command}`, table built at commit {git_commit()}, "
-             f"jobs run at {job_commits(jobs)}. Seed {args.seed} only; every row is the "
+             f"jobs run at {job_commits(job_record(jobs))}. Seed {args.seed} only; every row is the "
              f"real study's protocol (results/real_table.md) with one change; rows marked post "
              f"hoc were added after the others had run. Measured at feature resolution "
              f"(labelled pixels, whole images at the base scale): own task on all of val; the "

@@ -17,8 +17,8 @@ The rows, evaluations and protocol constants of both studies are in scripts/stud
 Every job is train_pretrain.py or finetune.py called in-process (scripts/reproduce.py's runner), so
 finished jobs are skipped and an interrupted study just continues; run outputs live in --work-dir
 (default $HOME/mdp-runs/<study>), outside the repository. The committed results json carries every
-finished (row, seed) with its provenance (and the header their wall time, the json mining's
-mined_frac), so a study spread over machines whose run outputs are gone continues where the table
+finished (row, seed) with its provenance (its jobs' commits and wall time) and mining's mined_frac,
+so a study spread over machines whose run outputs are gone continues where the table
 stops: a (row, seed) the json already holds is kept, not rerun, and a rebuild over some of the
 rows (--rows) keeps the others as the json holds them.
 The table is rebuilt from whatever has finished, so it can be committed while the study fills in.
@@ -50,7 +50,8 @@ import finetune  # noqa: E402
 import pretrain_eval  # noqa: E402
 from plot_log import read_log  # noqa: E402
 from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
-                       efficiency_plot, git_commit, job_commits, job_hours, pretrain, run_once,
+                       efficiency_plot, git_commit, job_commits, job_hours, job_record,
+                       merge_records, pretrain, run_once,
                        summarise, write_markdown)
 from studies import (ARCH, CAMVID_EVALS, DOWNSTREAM, EVALS, FINETUNE,  # noqa: E402
                      MULTI_PRETRAIN_ITERS, MULTI_ROWS, MINING, NO_CHANGE, OUTPUT_STRIDE, PRETRAIN,
@@ -172,14 +173,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{row} seed {seed}: {time.time() - t0:.0f} s]", flush=True)
             table()  # the table fills in as the study runs
     table()
-
-
-def carried(header: str, start: str, end: str) -> str:
-    """The committed header's clause from `start` to `end` (its provenance, its wall time), carried
-    into the rebuilt header while its (row, seed)s are kept; a rebuilt header's clause holds the
-    original one after KEPT, which is what is carried again."""
-    clause = header.split(start, 1)[1].split(end, 1)[0] if start in header else ""
-    return clause.split(KEPT, 1)[-1]
 
 
 KEPT = "kept from the committed json: "
@@ -329,16 +322,29 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     command = placeholders(shlex.join(["python", "scripts/real_study.py", *argv]), args, work)
     previous = (json.loads((results_dir / f"{name}.json").read_text())
                 if (results_dir / f"{name}.json").is_file() else {})
-    kept = not all(done.values())  # a (row, seed) whose outputs are gone: kept from the json
-    before = {what: carried(previous.get("header", ""), *ends) if kept else ""
-              for what, ends in (("made", ("jobs run at ", ";")),
-                                 ("time", ("their wall time ", ". ")))}
+    # where each (row, seed) came from (its jobs' commits and wall time): from its `done` files
+    # here, else as the json holds it (a pair finished on a machine whose outputs are gone); pairs
+    # kept from before the json held them per pair share one record, `carried`
+    kept, unrecorded = [], 0
+    for (r, s), files in done.items():
+        if files:
+            runs[r][s]["jobs"] = {**job_record(files), "cpus": os.cpu_count()}
+        elif "jobs" in runs[r][s]:
+            kept.append(runs[r][s]["jobs"])
+        else:
+            unrecorded += 1
+    carried = unrecorded > 0 and "carried" in previous
+    kept += [previous["carried"]] if carried else []
     # summed job time, not first-to-last: a study that runs over several sessions has gaps
     timing = "; ".join(filter(None, [
-        f"{len(jobs)} jobs here, their wall time {job_hours(jobs)} on {os.cpu_count()} CPU cores",
-        before["time"] and KEPT + before["time"]]))
-    made = ", ".join(filter(None, [job_commits(jobs) or "none here",
-                                   before["made"] and KEPT + before["made"]]))
+        f"{len(jobs)} jobs here, their wall time {job_hours(job_record(jobs))} on "
+        f"{os.cpu_count()} CPU cores",
+        kept and KEPT + job_hours(merge_records(kept)) + " on "
+        + "/".join(sorted({str(k.get("cpus")) for k in kept})) + " CPU cores"]))
+    made = ", ".join(filter(None, [job_commits(job_record(jobs)) or "none here",
+                                   kept and KEPT + job_commits(merge_records(kept)),
+                                   not carried and unrecorded and
+                                   f"{unrecorded} kept (row, seed)s of unrecorded provenance"]))
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
               f"{made}; "
               f"{study.pretraining}; val mIoU (%), seeds {seeds} (mean ± std over "
@@ -349,7 +355,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
               f"{timing}. " + (
                   "The random-weights row saw only the fine-tuning labels; every other row "
                   "also pretrained on all of the training labels." if study.table == "real_table"
-                  else "Each (row, seed) keeps the commits its jobs ran at in the json (`made`)."))
+                  else "Each (row, seed) keeps in the json the commits its jobs ran at (`made`) "
+                  "and, for pairs finished since the json holds it, their wall time (`jobs`)."))
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     text = write_markdown(table, evals, results / f"{name}.md", header, study.labels, "{} mIoU")
@@ -372,7 +379,7 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     print("\n" + text)
     (results / f"{name}.json").write_text(json.dumps(
         {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {},
-         "mined": mined},
+         "mined": mined, **({"carried": previous["carried"]} if carried else {})},
         indent=1))
     bars = bar_chart(table, evals, None, study.labels, "{} mIoU")
     parts = [p for p in (bars, efficiency_plot(table, bars.width, study.evals, study.labels)) if p is not None]

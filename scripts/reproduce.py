@@ -143,22 +143,38 @@ def add_seconds(done: Path, seconds: float) -> None:
     spent.write_text(f"{before + max(seconds, 0.0):.0f}\n")
 
 
-def job_commits(done: list[Path]) -> str:
-    """The commits the finished jobs (their `done` files) ran at, e.g. '0ad04c8 (52 jobs)'."""
-    seen: dict[str, int] = {}
+def job_record(done: list[Path]) -> dict:
+    """Where finished jobs (their `done` files) came from: how many ran at each commit, their summed
+    wall time and how many were not timed; records of several groups of jobs add up (merge_records)."""
+    commits: dict[str, int] = {}
     for f in done:
         key = f.read_text().strip() or "not recorded"
-        seen[key] = seen.get(key, 0) + 1
-    return ", ".join(f"{c} ({n} jobs)" for c, n in sorted(seen.items()))
-
-
-def job_hours(done: list[Path]) -> str:
-    """The finished jobs' (their `done` files') wall time, e.g. '3.2 h over 12 jobs (2 not
-    timed)'."""
+        commits[key] = commits.get(key, 0) + 1
     timed = [float(f.with_name("seconds").read_text()) for f in done
              if f.with_name("seconds").is_file()]
-    untimed = len(done) - len(timed)
-    return (f"{sum(timed) / 3600:.1f} h over {len(timed)} jobs"
+    return {"commits": commits, "seconds": sum(timed), "untimed": len(done) - len(timed)}
+
+
+def merge_records(records: list[dict]) -> dict:
+    merged = {"commits": {}, "seconds": 0.0, "untimed": 0}
+    for rec in records:
+        for c, n in rec["commits"].items():
+            merged["commits"][c] = merged["commits"].get(c, 0) + n
+        merged["seconds"] += rec["seconds"]
+        merged["untimed"] += rec["untimed"]
+    return merged
+
+
+def job_commits(record: dict) -> str:
+    """The commits of a job_record, e.g. '0ad04c8 (52 jobs)'."""
+    return ", ".join(f"{c} ({n} jobs)" for c, n in sorted(record["commits"].items()))
+
+
+def job_hours(record: dict) -> str:
+    """The wall time of a job_record, e.g. '3.2 h over 12 jobs (2 not timed)'."""
+    untimed = record["untimed"]
+    timed = sum(record["commits"].values()) - untimed
+    return (f"{record['seconds'] / 3600:.1f} h over {timed} jobs"
             + (f" ({untimed} not timed)" if untimed else ""))
 
 
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         "" if args.rows == list(ROWS) else " --rows " + " ".join(args.rows))
     # where each row came from: this call, or (kept rows) whatever made them, carried over
     done = list(work.rglob("done"))
-    made_now = (f"`{command}` at commit {git_commit()}, jobs run at {job_commits(done)}, "
+    made_now = (f"`{command}` at commit {git_commit()}, jobs run at {job_commits(job_record(done))}, "
                 f"{seeds} seed(s)")
     made = {r: made_now for r in args.rows} | kept
     # wall clock from the jobs' own marks, so a rerun that only rebuilds the table reports it too

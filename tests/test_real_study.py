@@ -3,6 +3,8 @@ against numbers computed by hand here (no training: the jobs' results are writte
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -155,20 +157,22 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
                                                                 monkeypatch) -> None:
     """A (row, seed) finished on another machine (in the committed json, its run outputs gone) is
     kept as it is and not rerun; a (row, seed) finished here is read from its jobs; the header
-    carries both provenances and both wall times, once however often it is rebuilt, mining's
-    mined_frac of a kept seed is carried, and no machine path is written."""
+    counts both provenances and both wall times once however often it is rebuilt, and again after
+    a second move of machine (the pairs finished here then kept too); mining's mined_frac of a kept
+    seed is carried, a rebuild over some rows drops none of the others, no machine path is
+    written."""
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
     evals = list(studies.MULTI_EVALS)
     kept = {e: {"mIoU": 40.0 + k, "IoU": {}} for k, e in enumerate(evals)}
-    (results / "multi_table.json").write_text(json.dumps({
-        "header": "Real-image study: `x`, table built at commit a, jobs run at 1234abc (9 jobs); y"
-                  ". 9 jobs here; their wall time 2.0 h over 9 jobs on 2 CPU cores. Each",
+    (results / "multi_table.json").write_text(json.dumps({  # pairs from before per-pair records
+        "header": "Real-image study: `x`", "mined": {"0": 0.125},
+        "carried": {"commits": {"1234abc": 9}, "seconds": 7200.0, "untimed": 0, "cpus": 2},
         "runs": {"mdp": {"0": {**kept, "made": "1234abc"}},
-                 "mdp_unlabelled": {"0": {**kept, "made": "1234abc"}}},
-        "mined": {"0": 0.125}}))
+                 "mdp_unlabelled": {"0": {**kept, "made": "1234abc"}}}}))
     for k, e in enumerate(evals):
         fake_job(work, "ce", 0, e, 30.0 + k)
+    (work / "ce" / "seed0" / "CamVid_all" / "seconds").write_text("1800\n")
     for d in ("camvid", "stanford_background", "msrc_v2", "labelmefacade"):
         (tmp_path / "data" / d).mkdir(parents=True)  # the data check looks for the folders
 
@@ -177,21 +181,22 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     monkeypatch.setattr(real_study, "pretrain", must_not_run)
     monkeypatch.setattr(real_study, "evaluate_all", must_not_run)
     monkeypatch.setattr(sys, "argv", ["real_study.py"])
-    argv = ["--study", "multi", "--rows", "mdp", "mdp_unlabelled", "--seeds", "1", "--work-dir", str(work),
-            "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
+    argv = ["--study", "multi", "--rows", "mdp", "mdp_unlabelled", "--seeds", "1", "--work-dir",
+            str(work), "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
     real_study.main(argv)  # runs nothing: both rows' seed 0 is kept
+    rows = argv[:2] + ["--rows", "ce", "mdp", "mdp_unlabelled", "--table-only"] + argv[5:]
     for _ in range(2):  # rebuilt twice: what is carried is not carried twice
-        real_study.main(argv[:2] + ["--rows", "ce", "mdp", "mdp_unlabelled", "--table-only"]
-                        + argv[5:])
+        real_study.main(rows)
     data = json.loads((results / "multi_table.json").read_text())
     assert data["runs"]["mdp"]["0"]["CamVid probe"]["mIoU"] == 40.0
     assert data["table"]["ce"]["CamVid all"]["mean"] == 32.0
     assert data["runs"]["ce"]["0"]["made"] == "abc1234"
-    assert "abc1234 (6 jobs), kept from the committed json: 1234abc (9 jobs);" in data["header"]
-    assert ("6 jobs here, their wall time 0.0 h over 0 jobs (6 not timed) on "
-            in data["header"])  # the test's jobs have no `seconds`
-    assert data["header"].count("kept from the committed json: 2.0 h over 9 jobs on 2 CPU "
-                                "cores. ") == 1 and data["header"].count("kept from") == 2
+    assert data["runs"]["ce"]["0"]["jobs"]["commits"] == {"abc1234": 6}
+    cores = os.cpu_count()
+    assert ("jobs run at abc1234 (6 jobs), kept from the committed json: 1234abc (9 jobs);"
+            in data["header"])
+    assert (f"6 jobs here, their wall time 0.5 h over 1 jobs (5 not timed) on {cores} CPU cores; "
+            "kept from the committed json: 2.0 h over 9 jobs on 2 CPU cores. " in data["header"])
     assert data["mined"] == {"0": 0.125}
     assert "mdp_unlabelled: seed 0: 0.125" in (results / "multi_table.md").read_text()
     assert str(tmp_path) not in (results / "multi_table.md").read_text()
@@ -206,6 +211,16 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     assert data["runs"]["mdp_unlabelled"]["0"]["msrc_v2 probe"]["mIoU"] == 44.0
     assert data["own_task"]["mdp"]["0"]["folder:msrc_v2"]["mIoU"] == 12.5
     assert data["mined"] == {"0": 0.125}
+    # the machine moves again: CE's outputs go too, and its pair is kept with its own record
+    shutil.rmtree(work)
+    for _ in range(2):
+        real_study.main(rows)
+    header = json.loads((results / "multi_table.json").read_text())["header"]
+    assert ("jobs run at none here, kept from the committed json: 1234abc (9 jobs), abc1234 (6 "
+            "jobs);" in header)
+    assert ("0 jobs here, their wall time 0.0 h over 0 jobs on "
+            f"{cores} CPU cores; kept from the committed json: 2.5 h over 10 jobs (5 not timed) "
+            f"on {'/'.join(sorted({'2', str(cores)}))} CPU cores. " in header)
 
 
 def test_multi_own_task_table_by_hand() -> None:

@@ -112,11 +112,15 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
     run_once(done, preempted, ["--x"])  # finished: skipped
     assert len(calls) == 2
     assert (tmp_path / "seconds").read_text() == "3600\n"  # both parts timed: 1000 s + 2600 s
-    assert reproduce.job_hours([done]) == "1.0 h over 1 jobs"
+    assert reproduce.job_hours(reproduce.job_record([done])) == "1.0 h over 1 jobs"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "done").write_text("abc\n")  # finished before jobs were timed
     both = [done, tmp_path / "other" / "done"]
-    assert reproduce.job_hours(both) == "1.0 h over 1 jobs (1 not timed)"
+    assert reproduce.job_hours(reproduce.job_record(both)) == "1.0 h over 1 jobs (1 not timed)"
+    merged = reproduce.merge_records([reproduce.job_record(both), reproduce.job_record([done])])
+    ran_at = done.read_text().strip()  # the commit run_once wrote
+    assert merged == {"commits": {"abc": 1, ran_at: 2}, "seconds": 7200.0, "untimed": 1}
+    assert reproduce.job_commits(merged) == ", ".join(sorted(["abc (1 jobs)", f"{ran_at} (2 jobs)"]))
 
 
 def test_a_killed_part_is_timed_to_its_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
