@@ -378,7 +378,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     (results / f"{name}.md").write_text(text)
     print("\n" + text)
     (results / f"{name}.json").write_text(json.dumps(
-        {"header": header, "table": table, "claims": checks, "runs": runs, "own_task": own or {},
+        {"header": header, "table": table, "claims": checks, "runs": runs,
+         "own_task": own or previous.get("own_task", {}),  # without --own-task: as it was
          "mined": mined, **({"carried": previous["carried"]} if carried else {})},
         indent=1))
     bars = bar_chart(table, evals, None, study.labels, "{} mIoU")

@@ -211,6 +211,10 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     assert data["runs"]["mdp_unlabelled"]["0"]["msrc_v2 probe"]["mIoU"] == 44.0
     assert data["own_task"]["mdp"]["0"]["folder:msrc_v2"]["mIoU"] == 12.5
     assert data["mined"] == {"0": 0.125}
+    real_study.main(rows)  # without --own-task: the json keeps the diagnostic, the page omits it
+    data = json.loads((results / "multi_table.json").read_text())
+    assert data["own_task"]["mdp"]["0"]["folder:msrc_v2"]["mIoU"] == 12.5
+    assert "Diagnostic (`--own-task`)" not in (results / "multi_table.md").read_text()
     # the machine moves again: CE's outputs go too, and its pair is kept with its own record
     shutil.rmtree(work)
     for _ in range(2):
