@@ -203,8 +203,8 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
         str(args.work_dir), "RUNS").replace(str(args.data_root), "DATA")  # no machine's paths
     jobs = list(args.work_dir.rglob("done"))
     lines = [f"MDP diagnosis on CamVid: `{command}`, table built at commit {git_commit()}, "
-             f"jobs run at {job_commits(job_record(jobs))}. Seed {args.seed} only; every row is the "
-             f"real study's protocol (results/real_table.md) with one change; rows marked post "
+             f"jobs run at {job_commits(job_record(jobs))}. Seed {args.seed} only; every row is "
+             f"the real study's protocol (results/real_table.md) with one change; rows marked post "
              f"hoc were added after the others had run. Measured at feature resolution "
              f"(labelled pixels, whole images at the base scale): own task on all of val; the "
              f"collapse measures (scripts/pretrain_eval.py --stats) on 50 val images; the pixel "

@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> None:
                 runs.setdefault(row, {})[seed] = {
                     n: json.loads((eval_dir(out, n) / "results.json").read_text())
                     for n in args.evals if (eval_dir(out, n) / "done").exists()}
-                runs[row][seed]["made"] = made_at(out)
                 continue
             check_budget(out / "pretrain0", iters)
             t0 = time.time()
@@ -169,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault(row, {})[seed] = evaluate_all(ckpt, seed, out, args.dataset,
                                                           data_root, scale, args.evals,
                                                           study.evals)
-            runs[row][seed]["made"] = made_at(out)
             print(f"[{row} seed {seed}: {time.time() - t0:.0f} s]", flush=True)
             table()  # the table fills in as the study runs
     table()
@@ -239,11 +237,6 @@ def own_task_of(out: Path, source: str, data_root: str | Path, per_source: bool)
                             "--data-root", str(data_root), "--base-size", *SIZE[1:3],
                             "--out", str(cache)] + (["--stats"] if per_source else []))
     return json.loads(cache.read_text())
-
-
-def made_at(out: Path) -> str:
-    """The commits a (row, seed)'s finished jobs ran at: its provenance in the results json."""
-    return ", ".join(sorted({f.read_text().strip() or "not recorded" for f in out.rglob("done")}))
 
 
 def previous_runs(path: Path) -> dict[str, dict[int, dict]]:
@@ -325,10 +318,12 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     # where each (row, seed) came from (its jobs' commits and wall time): from its `done` files
     # here, else as the json holds it (a pair finished on a machine whose outputs are gone); pairs
     # kept from before the json held them per pair share one record, `carried`
-    kept, unrecorded = [], 0
+    here, kept, unrecorded = [], [], 0
     for (r, s), files in done.items():
         if files:
             runs[r][s]["jobs"] = {**job_record(files), "cpus": os.cpu_count()}
+            runs[r][s]["made"] = ", ".join(sorted(runs[r][s]["jobs"]["commits"]))
+            here.append(runs[r][s]["jobs"])
         elif "jobs" in runs[r][s]:
             kept.append(runs[r][s]["jobs"])
         else:
@@ -337,11 +332,11 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     kept += [previous["carried"]] if carried else []
     # summed job time, not first-to-last: a study that runs over several sessions has gaps
     timing = "; ".join(filter(None, [
-        f"{len(jobs)} jobs here, their wall time {job_hours(job_record(jobs))} on "
+        f"{len(jobs)} jobs here, their wall time {job_hours(merge_records(here))} on "
         f"{os.cpu_count()} CPU cores",
         kept and KEPT + job_hours(merge_records(kept)) + " on "
         + "/".join(sorted({str(k.get("cpus")) for k in kept})) + " CPU cores"]))
-    made = ", ".join(filter(None, [job_commits(job_record(jobs)) or "none here",
+    made = ", ".join(filter(None, [job_commits(merge_records(here)) or "none here",
                                    kept and KEPT + job_commits(merge_records(kept)),
                                    not carried and unrecorded and
                                    f"{unrecorded} kept (row, seed)s of unrecorded provenance"]))

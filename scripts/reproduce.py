@@ -145,7 +145,7 @@ def add_seconds(done: Path, seconds: float) -> None:
 
 def job_record(done: list[Path]) -> dict:
     """Where finished jobs (their `done` files) came from: how many ran at each commit, their summed
-    wall time and how many were not timed; records of several groups of jobs add up (merge_records)."""
+    wall time and how many were not timed; records of several groups add up (merge_records)."""
     commits: dict[str, int] = {}
     for f in done:
         key = f.read_text().strip() or "not recorded"
@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         "" if args.rows == list(ROWS) else " --rows " + " ".join(args.rows))
     # where each row came from: this call, or (kept rows) whatever made them, carried over
     done = list(work.rglob("done"))
-    made_now = (f"`{command}` at commit {git_commit()}, jobs run at {job_commits(job_record(done))}, "
-                f"{seeds} seed(s)")
+    made_now = (f"`{command}` at commit {git_commit()}, jobs run at "
+                f"{job_commits(job_record(done))}, {seeds} seed(s)")
     made = {r: made_now for r in args.rows} | kept
     # wall clock from the jobs' own marks, so a rerun that only rebuilds the table reports it too
     marks = sorted(f.stat().st_mtime for f in done)

@@ -1,7 +1,7 @@
-"""Rerun one finished evaluation job of a real-image study and set its mIoU beside the committed one:
-how much of a result is the machine's float rounding (threads, kernels, precision) rather than the
-seed. The job runs exactly as the study ran it (scripts/real_study.py's flags); the rounding is set
-from outside, by the environment:
+"""Rerun one finished evaluation job of a real-image study, its mIoU beside the committed one: how
+much of a result is the machine's float rounding (threads, kernels, precision) rather than the seed.
+The job runs exactly as the study ran it (scripts/real_study.py's flags); the rounding is set from
+outside, by the environment:
 
     OMP_NUM_THREADS=2 python scripts/rerun_job.py --data-root DATA --eval "CamVid all" --seed 1
     OMP_NUM_THREADS=1 python scripts/rerun_job.py --data-root DATA --eval "CamVid all" --seed 1

@@ -120,7 +120,8 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
     merged = reproduce.merge_records([reproduce.job_record(both), reproduce.job_record([done])])
     ran_at = done.read_text().strip()  # the commit run_once wrote
     assert merged == {"commits": {"abc": 1, ran_at: 2}, "seconds": 7200.0, "untimed": 1}
-    assert reproduce.job_commits(merged) == ", ".join(sorted(["abc (1 jobs)", f"{ran_at} (2 jobs)"]))
+    assert (reproduce.job_commits(merged)
+            == ", ".join(sorted(["abc (1 jobs)", f"{ran_at} (2 jobs)"])))
 
 
 def test_a_killed_part_is_timed_to_its_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
