@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 KEPT = "kept from the committed json: "
+# [ours, after seed 1] rounding alone moves a fine-tuning job ~1.6 points (results/real_multi.md)
+FINETUNINGS, WEAK_FINETUNE = CAMVID_EVALS[1:], 3.0
 
 
 # The two rules of the multi study's protocol (results/real_multi.md), fixed before they ran.
@@ -396,7 +398,9 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
     two of the three and is reversed on none ("changes nothing": within seed noise on all three);
     reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
     with an evaluation missing is not read yet; mining that fired at no seed leaves its claim
-    untested."""
+    untested. A CamVid verdict is marked weak when it changes once the fine-tunings that differ by
+    under WEAK_FINETUNE points are read as within noise [ours, added with seeds 0-1 in: float
+    rounding alone moves one fine-tuning job about 1.6 points, a probe not at all]."""
     lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
              "the group's evaluations):", "", "| claim | unseen: CamVid | seen: source probes |",
              "|---|---|---|"]
@@ -408,26 +412,36 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
             if len(got) < len(group):
                 cells.append("—" if not got else "not read yet")
                 continue
-            n = {v: sum(c["verdict"].startswith(v) for c in got)
-                 for v in ("holds", "reversed", "within")}
-            counts = f"({n['holds']} / {n['reversed']} / {n['within']})"
+            verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
             if claim == MINING and not fired:  # its differences are not mining's
                 cells.append(f"not tested: mining did not fire {counts}")
                 continue
-            if claim == NO_CHANGE:
-                verdict = "holds" if n["within"] == len(group) else "does not hold"
-            else:
-                verdict = ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
-                           if n["reversed"] >= 2 and not n["holds"] else "does not hold")
+            robust, _ = group_verdict(claim, [
+                "within" if c["target"] in FINETUNINGS and abs(c["diff"]) < WEAK_FINETUNE
+                else c["verdict"] for c in got])
             one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) else ""
-            cells.append(f"{verdict}{one} {counts}")
+            weak = ", weak" if robust != verdict else ""
+            cells.append(f"{verdict}{one}{weak} {counts}")
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += ["", f"Weak: the verdict changes when the CamVid fine-tunings that differ by under "
+              f"{WEAK_FINETUNE:g} points are read as within noise (float rounding alone moves one "
+              "fine-tuning job by about 1.6 points; see results/real_multi.md)."]
     if mined:
         lines += ["", "Mining (M10), `mined_frac` over the last 100 pretraining steps of "
                   "mdp_unlabelled: " + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined.items())
                   + ("." if fired else "; mining did not fire at this budget, so the claim "
                      "\"unlabelled images help\" is not tested here.")]
     return "\n".join(lines) + "\n"
+
+
+def group_verdict(claim: str, verdicts: list[str]) -> tuple[str, str]:
+    """One group's verdict by the protocol's rule, and its (holds / reversed / within) counts."""
+    n = {v: sum(x.startswith(v) for x in verdicts) for v in ("holds", "reversed", "within")}
+    counts = f"({n['holds']} / {n['reversed']} / {n['within']})"
+    if claim == NO_CHANGE:
+        return ("holds" if n["within"] == len(verdicts) else "does not hold"), counts
+    return ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
+            if n["reversed"] >= 2 and not n["holds"] else "does not hold"), counts
 
 
 def mined_fractions(work: Path) -> dict[int, float]:

@@ -283,8 +283,8 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     """Per group of three evaluations: holds = at least two hold and none reversed; reversed the
     same way round; "changes nothing" = within noise on all three; a group not complete is not
     read; a 1-seed verdict is marked; mining that never fired is said to leave the claim untested."""
-    def check(claim: str, target: str, verdict: str) -> dict:
-        return {"claim": claim, "target": target, "verdict": verdict}
+    def check(claim: str, target: str, verdict: str, diff: float = 5.0) -> dict:
+        return {"claim": claim, "target": target, "verdict": verdict, "diff": diff}
     cam, src = studies.CAMVID_EVALS, studies.SOURCE_PROBES
     checks = ([check("A", t, v) for t, v in zip(cam, ["holds", "holds", "within seed noise"])]
               + [check("A", t, v) for t, v in zip(src, ["holds", "holds", "reversed"])]
@@ -296,6 +296,18 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
               + [check(studies.MINING, t, "holds (1 seed)") for t in cam])
     text = real_study.verdicts_markdown(checks, {0: 0.0, 1: 0.0})
     assert "| A | holds (2 / 0 / 1) | does not hold (2 / 1 / 0) |" in text
+    # weak: a fine-tuning under 3 points read as within noise changes the verdict; a probe never
+    weak = [check("W", t, v, d) for t, v, d in zip(cam, ["holds"] * 3, [4.0, 2.9, 1.0])]
+    weak += [check("S", t, v, d) for t, v, d in zip(cam, ["holds"] * 3, [1.0, 3.0, 2.0])]
+    weak += [check("R", t, "reversed", -2.0) for t in cam]
+    weak += [check(studies.NO_CHANGE, cam[0], "within seed noise", 0.1),
+             check(studies.NO_CHANGE, cam[1], "within seed noise", 0.1),
+             check(studies.NO_CHANGE, cam[2], "reversed", -2.5)]
+    text_weak = real_study.verdicts_markdown(weak, {})
+    assert "| W | holds, weak (3 / 0 / 0) | — |" in text_weak  # 1/8 and all under 3
+    assert "| S | holds (3 / 0 / 0) | — |" in text_weak  # probe never weakened
+    assert "| R | reversed, weak (0 / 3 / 0) | — |" in text_weak
+    assert f"| {studies.NO_CHANGE} | does not hold, weak (0 / 1 / 2) | — |" in text_weak
     assert "| B | does not hold (1 seed) (1 / 2 / 0) | not read yet |" in text
     assert f"| {studies.NO_CHANGE} | holds (0 / 0 / 3) | does not hold (1 / 0 / 2) |" in text
     assert "mining did not fire at this budget" in text
