@@ -146,10 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         # rows outside --rows keep what the json holds: a rebuild never drops a finished pair
         others = {r: by_seed for r, by_seed in kept.items() if r not in args.rows}
         write_results({**others, **runs}, args, scale, work, study, name, own)
-    n_seeds = max([args.seeds or 0] + [study.seeds.get(r, 0) for r in args.rows] + [3])
-    for seed in range(n_seeds):  # seed-major: a partial study has every row at some seeds
-        for row in args.rows:
-            if seed >= (args.seeds or study.seeds.get(row, 3 if args.study == "camvid" else 2)):
+    n_seeds = {r: max(args.seeds or study.seeds.get(r, 3 if args.study == "camvid" else 2),
+                      1 + max(kept.get(r, {}), default=-1))  # nor a seed the json holds
+               for r in args.rows}
+    for seed in range(max(n_seeds.values())):  # seed-major: a partial study has every row at some
+        for row in args.rows:                  # seeds
+            if seed >= n_seeds[row]:
                 continue
             out = work / row / f"seed{seed}"
             old = kept.get(row, {}).get(seed)
@@ -301,7 +303,13 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
         raise SystemExit("error: no finished row yet")
     results_dir = Path(args.results_dir)
     table = summarise(runs, evals)
-    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    by_seeds: dict[tuple, list[str]] = {}  # the rows' seeds, the largest group as "the others"
+    for r, by_seed in runs.items():
+        by_seeds.setdefault(tuple(sorted(by_seed)), []).append(f"`{r}`")
+    groups = sorted(by_seeds.items(), key=lambda g: len(g[1]))
+    seeds = " and ".join(f"{list(k)} for {', '.join(rows)}" for k, rows in groups[:-1])
+    seeds = f"seeds {seeds} and {list(groups[-1][0])} for the others" if seeds else (
+        f"seeds {list(groups[-1][0])}")
     # the jobs of the table's (row, seed)s only: the length rules' own runs are not counted
     done = {(r, s): list((work / r / f"seed{s}").rglob("done")) for r in runs for s in runs[r]}
     jobs = [f for fs in done.values() for f in fs]
@@ -344,7 +352,7 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
                                    f"{unrecorded} kept (row, seed)s of unrecorded provenance"]))
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
               f"{made}; "
-              f"{study.pretraining}; val mIoU (%), seeds {seeds} (mean ± std over "
+              f"{study.pretraining}; val mIoU (%), {seeds} (mean ± std over "
               f"seeds; each seed = its own pretraining, fine-tuning and 1/8 subset, the same for "
               f"every row). Protocol: {ARCH} at output stride {OUTPUT_STRIDE}, crops 96×128 of "
               f"the images at a 240×180 base scale, batch 8; pretraining "

@@ -159,8 +159,8 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     kept as it is and not rerun; a (row, seed) finished here is read from its jobs; the header
     counts both provenances and both wall times once however often it is rebuilt, and again after
     a second move of machine (the pairs finished here then kept too); mining's mined_frac of a kept
-    seed is carried, a rebuild over some rows drops none of the others, no machine path is
-    written."""
+    seed is carried, a rebuild over some rows drops none of the others, nor a seed beyond --seeds,
+    no machine path is written."""
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
     evals = list(studies.MULTI_EVALS)
@@ -168,7 +168,7 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     (results / "multi_table.json").write_text(json.dumps({  # pairs from before per-pair records
         "header": "Real-image study: `x`", "mined": {"0": 0.125},
         "carried": {"commits": {"1234abc": 9}, "seconds": 7200.0, "untimed": 0, "cpus": 2},
-        "runs": {"mdp": {"0": {**kept, "made": "1234abc"}},
+        "runs": {"mdp": {"0": {**kept, "made": "1234abc"}, "1": {**kept, "made": "1234abc"}},
                  "mdp_unlabelled": {"0": {**kept, "made": "1234abc"}}}}))
     for k, e in enumerate(evals):
         fake_job(work, "ce", 0, e, 30.0 + k)
@@ -183,7 +183,11 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     monkeypatch.setattr(sys, "argv", ["real_study.py"])
     argv = ["--study", "multi", "--rows", "mdp", "mdp_unlabelled", "--seeds", "1", "--work-dir",
             str(work), "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
-    real_study.main(argv)  # runs nothing: both rows' seed 0 is kept
+    real_study.main(argv)  # runs nothing: both rows' seed 0 is kept, and MDP's seed 1 (> --seeds)
+    data = json.loads((results / "multi_table.json").read_text())
+    assert sorted(data["runs"]["mdp"]) == ["0", "1"]
+    assert data["table"]["mdp"]["CamVid 1/8"]["n"] == 2
+    assert "seeds [0, 1] for `mdp` and [0] for the others (mean" in data["header"]
     rows = argv[:2] + ["--rows", "ce", "mdp", "mdp_unlabelled", "--table-only"] + argv[5:]
     for _ in range(2):  # rebuilt twice: what is carried is not carried twice
         real_study.main(rows)
