@@ -410,8 +410,9 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
     under WEAK_FINETUNE points are read as within noise [ours, added with seeds 0-1 in: float
     rounding alone moves one fine-tuning job about 1.6 points, a probe not at all]."""
     lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
-             "the group's evaluations):", "", "| claim | unseen: CamVid | seen: source probes |",
-             "|---|---|---|"]
+             "the group's evaluations), then each evaluation's difference ± the sum of the stds:",
+             "", f"| claim | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
+             f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|"]
     fired = any(v > 0 for v in mined.values())
     for claim in dict.fromkeys(c["claim"] for c in checks):
         cells = []
@@ -421,6 +422,9 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
                 cells.append("—" if not got else "not read yet")
                 continue
             verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
+            got.sort(key=lambda c: group.index(c["target"]))
+            counts += ": " + " / ".join(f"{c['diff']:+.1f} ± {c['noise']:.1f}".replace("-", "−")
+                                        for c in got)
             if claim == MINING and not fired:  # its differences are not mining's
                 cells.append(f"not tested: mining did not fire {counts}")
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -288,7 +289,10 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     same way round; "changes nothing" = within noise on all three; a group not complete is not
     read; a 1-seed verdict is marked; mining that never fired is said to leave the claim untested."""
     def check(claim: str, target: str, verdict: str, diff: float = 5.0) -> dict:
-        return {"claim": claim, "target": target, "verdict": verdict, "diff": diff}
+        return dict(claim=claim, target=target, verdict=verdict, diff=diff, noise=1.25)
+
+    def verdicts(checks: list[dict], mined: dict[int, float]) -> str:  # without the differences
+        return re.sub(r": [−+][^|]*?(?= \|)", "", real_study.verdicts_markdown(checks, mined))
     cam, src = studies.CAMVID_EVALS, studies.SOURCE_PROBES
     checks = ([check("A", t, v) for t, v in zip(cam, ["holds", "holds", "within seed noise"])]
               + [check("A", t, v) for t, v in zip(src, ["holds", "holds", "reversed"])]
@@ -298,7 +302,7 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
               + [check(studies.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
                                                                    + ["holds"])]
               + [check(studies.MINING, t, "holds (1 seed)") for t in cam])
-    text = real_study.verdicts_markdown(checks, {0: 0.0, 1: 0.0})
+    text = verdicts(checks, {0: 0.0, 1: 0.0})
     assert "| A | holds (2 / 0 / 1) | does not hold (2 / 1 / 0) |" in text
     # weak: a fine-tuning under 3 points read as within noise changes the verdict; a probe never
     weak = [check("W", t, v, d) for t, v, d in zip(cam, ["holds"] * 3, [4.0, 2.9, 1.0])]
@@ -307,7 +311,7 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     weak += [check(studies.NO_CHANGE, cam[0], "within seed noise", 0.1),
              check(studies.NO_CHANGE, cam[1], "within seed noise", 0.1),
              check(studies.NO_CHANGE, cam[2], "reversed", -2.5)]
-    text_weak = real_study.verdicts_markdown(weak, {})
+    text_weak = verdicts(weak, {})
     assert "| W | holds, weak (3 / 0 / 0) | — |" in text_weak  # 1/8 and all under 3
     assert "| S | holds (3 / 0 / 0) | — |" in text_weak  # probe never weakened
     assert "| R | reversed, weak (0 / 3 / 0) | — |" in text_weak
@@ -316,8 +320,13 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     assert f"| {studies.NO_CHANGE} | holds (0 / 0 / 3) | does not hold (1 / 0 / 2) |" in text
     assert "mining did not fire at this budget" in text
     assert f"| {studies.MINING} | not tested: mining did not fire (3 / 0 / 0) | — |" in text
-    assert f"| {studies.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in real_study.verdicts_markdown(
+    assert f"| {studies.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(
         checks, {0: 0.0, 1: 0.01})  # fired at one seed: read by the rule
+    # each evaluation's difference ± noise, in the group's order whatever the checks' order
+    assert ("| R | reversed, weak (0 / 3 / 0): " + " / ".join(["−2.0 ± 1.2"] * 3) + " | — |"
+            in real_study.verdicts_markdown(weak, {}))
+    assert ("| W | holds, weak (3 / 0 / 0): +4.0 ± 1.2 / +2.9 ± 1.2 / +1.0 ± 1.2 | — |"
+            in real_study.verdicts_markdown(weak[2::-1], {}))
     # mined_frac: the mean of the records in the last 100 steps, finished runs only
     for seed, fracs in ((0, [0.5, 0.1, 0.2, 0.3]), (1, [0.9])):
         run = tmp_path / "mdp_unlabelled" / f"seed{seed}" / "pretrain0"
