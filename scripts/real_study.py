@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="camvid study: a reader name or folder:PATH")
     p.add_argument("--data-root", default="data", help="the folder that holds the datasets")
     p.add_argument("--seeds", type=int, default=None,
-                   help="seeds per row (default: camvid 3; multi: 3 for random, CE, MDP, MDP "
-                        "w/o CSC and MDP with learned prototypes, 2 for the others)")
+                   help="seeds per row (default: camvid 3; multi: studies.MULTI_SEEDS, 2 for "
+                        "the rows it does not name)")
     p.add_argument("--rows", nargs="+", default=None, help="default: every row of the study")
     p.add_argument("--evals", nargs="+", default=None, help="default: every evaluation")
     p.add_argument("--pretrain-iters", type=int, default=None,
