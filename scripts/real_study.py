@@ -312,7 +312,6 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
         f"seeds {list(groups[-1][0])}")
     # the jobs of the table's (row, seed)s only: the length rules' own runs are not counted
     done = {(r, s): list((work / r / f"seed{s}").rglob("done")) for r in runs for s in runs[r]}
-    jobs = [f for fs in done.values() for f in fs]
     argv = [a for a in sys.argv[1:] if a != "--table-only"]  # the command that ran the jobs
     ft_iters = max((study.evals[n][3] for n in evals if "--model" not in study.evals[n][1]),
                    default=0)
@@ -340,14 +339,15 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
             unrecorded += 1
     carried = unrecorded > 0 and "carried" in previous
     kept += [previous["carried"]] if carried else []
+    cpus = "/".join(sorted({str(k.get("cpus")) for k in kept}))
+    ran_here, ran_kept = merge_records(here), kept and merge_records(kept)  # one record each
     # summed job time, not first-to-last: a study that runs over several sessions has gaps
     timing = "; ".join(filter(None, [
-        f"{len(jobs)} jobs here, their wall time {job_hours(merge_records(here))} on "
+        f"{sum(ran_here['commits'].values())} jobs here, their wall time {job_hours(ran_here)} on "
         f"{os.cpu_count()} CPU cores",
-        kept and KEPT + job_hours(merge_records(kept)) + " on "
-        + "/".join(sorted({str(k.get("cpus")) for k in kept})) + " CPU cores"]))
-    made = ", ".join(filter(None, [job_commits(merge_records(here)) or "none here",
-                                   kept and KEPT + job_commits(merge_records(kept)),
+        ran_kept and KEPT + job_hours(ran_kept) + " on " + cpus + " CPU cores"]))
+    made = ", ".join(filter(None, [job_commits(ran_here) or "none here",
+                                   ran_kept and KEPT + job_commits(ran_kept),
                                    not carried and unrecorded and
                                    f"{unrecorded} kept (row, seed)s of unrecorded provenance"]))
     header = (f"Real-image study: `{command}`, table built at commit {git_commit()}, jobs run at "
