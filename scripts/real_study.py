@@ -372,6 +372,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     mined = {s: mined[s] for s in sorted(mined) if s in runs.get("mdp_unlabelled", {})}
     if study.table == "multi_table":
         text += verdicts_markdown(checks, mined)
+        paired = paired_checks(runs, study.claims, evals)
+        text += paired_markdown(paired, mined)
     per_seed = ["", "Per seed (mIoU):", "", "| row | " + " | ".join(evals) + " |",
                 "|---|" + "---|" * len(evals)]
     per_seed += [f"| {study.labels[r]} | " + " | ".join(
@@ -383,7 +385,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     (results / f"{name}.md").write_text(text)
     print("\n" + text)
     (results / f"{name}.json").write_text(json.dumps(
-        {"header": header, "table": table, "claims": checks, "runs": runs,
+        {"header": header, "table": table, "claims": checks,
+         **({"paired": paired} if study.table == "multi_table" else {}), "runs": runs,
          "own_task": own or previous.get("own_task", {}),  # without --own-task: as it was
          "mined": mined, **({"carried": previous["carried"]} if carried else {})},
         indent=1))
@@ -454,6 +457,70 @@ def group_verdict(claim: str, verdicts: list[str]) -> tuple[str, str]:
         return ("holds" if n["within"] == len(verdicts) else "does not hold"), counts
     return ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
             if n["reversed"] >= 2 and not n["holds"] else "does not hold"), counts
+
+
+# The paired rule [ours, committed 2026-12-05 before seeds 3-4 and the rows added with it; see the
+# protocol's addendum in results/real_multi.md]. Rows that share a seed share its 1/8 subset and
+# every random draw keyed by it, so each claim is read on the per-seed differences: a paired t
+# interval at 95 % (two-sided), t_{0.975} of Student's t with n - 1 degrees of freedom for n seeds.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+def paired_difference(diffs: list[float]) -> dict:
+    """Mean of the per-seed differences and its 95 % paired t interval; verdict: holds when the
+    interval lies above 0, reversed when below, within (level) when it holds 0. One seed: no
+    interval, the sign only, marked."""
+    n, mean = len(diffs), float(np.mean(diffs))
+    if n < 2:
+        return {"n": n, "mean": mean, "half": None,
+                "verdict": ("holds" if mean > 0 else "reversed") + " (1 seed)"}
+    half = T975[n - 1] * float(np.std(diffs, ddof=1)) / np.sqrt(n)
+    verdict = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within"
+    return {"n": n, "mean": mean, "half": half, "verdict": verdict}
+
+
+def paired_checks(runs: dict[str, dict[int, dict]], claims: list, evals: list[str]) -> list[dict]:
+    """Every claim per evaluation by the paired rule, on the seeds both rows have."""
+    checks = []
+    for claim, better, worse, targets, _ in claims:
+        seeds = sorted(set(runs.get(better, {})) & set(runs.get(worse, {})))
+        for t in (t for t in targets if t in evals and seeds):
+            diffs = [runs[better][s][t]["mIoU"] - runs[worse][s][t]["mIoU"] for s in seeds]
+            checks.append({"claim": claim, "target": t, "better": better, "worse": worse,
+                           "seeds": seeds, "diffs": diffs, **paired_difference(diffs)})
+    return checks
+
+
+def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
+    """Each claim by the paired rule, grouped as the protocol's rule groups them (verdicts_markdown):
+    the group's verdict from its evaluations' paired verdicts, then each mean difference with its
+    95 % interval [low, high] and the seeds it rests on."""
+    lines = ["", "Each claim by the paired rule (addendum of 2026-12-05: per seed the difference of "
+             "the two rows, its mean over the seeds and the 95 % paired t interval; holds / "
+             "reversed / level, of the group's evaluations: the group rule of the protocol), then each evaluation's mean "
+             "difference [95 % interval]:", "",
+             f"| claim | seeds | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
+             f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|---|"]
+    fired = any(v > 0 for v in mined.values())
+    for claim in dict.fromkeys(c["claim"] for c in paired):
+        cells, seeds = [], next(c["seeds"] for c in paired if c["claim"] == claim)
+        for group in (CAMVID_EVALS, SOURCE_PROBES):
+            got = sorted((c for c in paired if c["claim"] == claim and c["target"] in group),
+                         key=lambda c: group.index(c["target"]))
+            if len(got) < len(group):
+                cells.append("—" if not got else "not read yet")
+                continue
+            verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
+            one = " (1 seed)" if len(seeds) < 2 else ""
+            diffs = " / ".join(f"{c['mean']:+.1f}" + ("" if c["half"] is None else
+                               f" [{c['mean'] - c['half']:+.1f}, {c['mean'] + c['half']:+.1f}]")
+                               for c in got).replace("-", "−")
+            if claim == MINING and not fired:
+                verdict = "not tested: mining did not fire"
+            cells.append(f"{verdict}{one} {counts}: {diffs}")
+        lines.append(f"| {claim} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mined_fractions(work: Path) -> dict[int, float]:

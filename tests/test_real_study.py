@@ -376,3 +376,46 @@ def test_rerun_job_bad_arguments(args: list[str], says: str) -> None:
     with pytest.raises(SystemExit) as e:
         rerun_job.main(["--data-root", "DATA", *args])
     assert str(e.value).startswith(says)
+
+
+def test_t_quantiles_against_a_numerical_integral() -> None:
+    """T975[df] is where Student's t CDF reaches 0.975: the density integrated by the trapezoid
+    rule from 0 (CDF 0.5 by symmetry)."""
+    import math
+    for df, t in real_study.T975.items():
+        x = np.linspace(0.0, t, 200_001)
+        logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        density = np.exp(logc) * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+        cdf = 0.5 + float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+        assert abs(cdf - 0.975) < 2e-5, (df, cdf)
+
+
+def test_paired_rule_by_hand() -> None:
+    """The issue's three seeds of learned prototypes vs CE (CamVid probe, all): t = mean / (sd /
+    sqrt 3) = 2.1 and 3.4, below t_{0.975, 2} = 4.303: level. [2, 3, 4]: mean 3, sd 1, half-width
+    4.303 / sqrt 3 = 2.484: holds; negated: reversed; one seed: the sign, marked."""
+    probe = real_study.paired_difference([3.94, 0.59, 1.71])
+    assert probe["mean"] == pytest.approx(2.08) and probe["verdict"] == "within"
+    assert probe["mean"] / (probe["half"] / 4.303) == pytest.approx(2.1, abs=0.05)
+    full = real_study.paired_difference([1.99, 0.90, 0.85])
+    assert full["mean"] / (full["half"] / 4.303) == pytest.approx(3.35, abs=0.01)
+    up = real_study.paired_difference([2.0, 3.0, 4.0])
+    assert up["half"] == pytest.approx(4.303 / 3 ** 0.5) and up["verdict"] == "holds"
+    assert real_study.paired_difference([-2.0, -3.0, -4.0])["verdict"] == "reversed"
+    assert real_study.paired_difference([1.5]) == {"n": 1, "mean": 1.5, "half": None,
+                                                   "verdict": "holds (1 seed)"}
+    # pairing: seed 0's shift is shared by both rows, so it cancels; only common seeds count
+    evals = studies.CAMVID_EVALS
+
+    def row(values: dict[int, float]) -> dict[int, dict]:
+        return {s: {e: {"mIoU": v} for e in evals} for s, v in values.items()}
+    runs = {"a": row({0: 40.0, 1: 21.0, 2: 31.5, 3: 50.0}), "b": row({0: 38.0, 1: 20.0, 2: 30.0})}
+    claims = [("a beats b", "a", "b", evals, "—"), ("b beats a", "b", "a", evals, "—")]
+    got = real_study.paired_checks(runs, claims, evals)
+    assert [c["seeds"] for c in got] == [[0, 1, 2]] * 6
+    assert got[0]["diffs"] == [2.0, 1.0, 1.5] and got[0]["verdict"] == "holds"
+    assert got[3]["verdict"] == "reversed"
+    text = real_study.paired_markdown(got, {})
+    assert ("| a beats b | 0, 1, 2 | holds (3 / 0 / 0): " + " / ".join(["+1.5 [+0.3, +2.7]"] * 3)
+            + " | — |") in text
+    assert "| b beats a | 0, 1, 2 | reversed (0 / 3 / 0): " in text
