@@ -43,13 +43,13 @@ demo: $(TOY)/.written
 		$(FINETUNE_FLAGS) --out-dir $(RUN)/probe_mdp
 	OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --ckpt none --arch resnet14 --model linear \
 		$(FINETUNE_FLAGS) --out-dir $(RUN)/probe_random
-	$(PY) scripts/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp $(RUN)/probe_random $(RUN)/probe_mdp \
+	$(PY) tools/compare.py $(RUN)/ft_scratch $(RUN)/ft_mdp $(RUN)/probe_random $(RUN)/probe_mdp \
 		--pretrain-log $(RUN)/pretrain/log.jsonl
-	$(PY) scripts/plot_log.py $(RUN)/pretrain/log.jsonl --out $(RUN)/pretrain_curves.png
+	$(PY) tools/plot_log.py $(RUN)/pretrain/log.jsonl --out $(RUN)/pretrain_curves.png
 
-# after make demo: fine-tuned vs frozen backbone, MDP vs random init, 3 seeds (results/backbone_probe.md)
+# after make demo: fine-tuned vs frozen backbone, MDP vs random init, 3 seeds (results/toy/backbone_probe.md)
 probe: $(TOY)/.written
-	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/backbone_probe.py --ckpt $(RUN)/pretrain/last.pth \
+	OMP_NUM_THREADS=$(THREADS) $(PY) studies/backbone_probe.py --ckpt $(RUN)/pretrain/last.pth \
 		-- $(FINETUNE_FLAGS)
 
 # test-only packages (timm, segmentation_models_pytorch: tests/test_export.py); make demo skips them

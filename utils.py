@@ -117,7 +117,7 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: oneDNN then runs bf16 convolutions natively. Elsewhere (AVX2 only) CPU
-    bf16 is emulated and an order of magnitude slower than fp32 (results/bench.md)."""
+    bf16 is emulated and an order of magnitude slower than fp32 (results/speed/bench.md)."""
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
@@ -435,7 +435,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
 
 
 # 128 + SIGTERM, the shell's code for "ended by SIGTERM": a scheduler that requeues, or the
-# study runner (scripts/reproduce.py), must not take a pre-empted run for a finished one.
+# study runner (studies/reproduce.py), must not take a pre-empted run for a finished one.
 PREEMPTED_EXIT = 128 + int(signal.SIGTERM)
 
 

@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flat modules at the repository root
+ROOT = Path(__file__).resolve().parents[1]
+# the method's flat modules at the root, what a user runs in tools/, what made the results in studies/
+for folder in (ROOT / "studies", ROOT / "tools", ROOT):
+    sys.path.insert(0, str(folder))
 
 TOY_TRAIN, TOY_VAL = 24, 8
 

@@ -47,7 +47,7 @@ def test_every_rule_names_code_and_a_test() -> None:
 
 def test_no_document_links_outside_the_repository() -> None:
     for doc in [ROOT / "README.md", ROOT / "METHOD.md", *ROOT.glob("*.py"),
-                *ROOT.glob("scripts/*.py")]:
+                *ROOT.glob("tools/*.py"), *ROOT.glob("studies/*.py")]:
         text = doc.read_text()
         assert not re.search(r"\]\(\.\./|\.\./shared|shared/METHOD", text), doc.name
         links = re.findall(r"\]\(([^)#]+)\)", text) if doc.suffix == ".md" else []
@@ -59,7 +59,7 @@ def test_no_document_links_outside_the_repository() -> None:
 def test_results_pages_link_inside_the_repository() -> None:
     """The study pages under results/ (one link from the README) resolve their relative links
     inside the repository, and carry no machine's paths."""
-    for doc in ROOT.glob("results/*.md"):
+    for doc in ROOT.glob("results/**/*.md"):
         text = doc.read_text()
         assert "/root/" not in text and "/work/" not in text and "/home/" not in text, doc.name
         for link in re.findall(r"\]\(([^)#]+)\)", text):

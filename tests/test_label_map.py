@@ -116,10 +116,9 @@ def test_empty_or_missing_file(tmp_path: Path) -> None:
 
 
 def test_toy_study_map_parses() -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
     from reproduce import ROWS
 
-    toy_map = ROOT / "scripts" / "toy_label_map.txt"
+    toy_map = ROOT / "studies" / "toy_label_map.txt"
     assert ROWS["mdp_label_map"] == [(["voc", "ade20k"], ["--label-map", str(toy_map)])]
     space = LabelSpace(["voc", "ade20k"], [VOC_CLASSES, ADE20K_CLASSES],
                        read_label_map(toy_map, ["voc", "ade20k"], [VOC_CLASSES, ADE20K_CLASSES]))
@@ -129,7 +128,6 @@ def test_toy_study_map_parses() -> None:
 def test_pretrain_eval_own_task_with_merged_and_dropped_classes(tmp_path: Path) -> None:
     """A --label-map checkpoint on its own task: each of the dataset's classes is scored by the
     prototype of its merged class; a dropped class is never predicted (checked per pixel)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from pretrain_eval import own_task_classifier
     from mdp import MDPNet
 

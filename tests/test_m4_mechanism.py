@@ -1,4 +1,4 @@
-"""scripts/m4_mechanism.py --table-only: the table and the reading rule's verdicts from finished
+"""studies/m4_mechanism.py --table-only: the table and the reading rule's verdicts from finished
 (row, seed)s, checked against values computed by hand here (no training: the test writes what the
 jobs would have written)."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 import m4_mechanism  # noqa: E402
 import real_study  # noqa: E402
 

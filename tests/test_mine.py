@@ -292,7 +292,7 @@ def test_mine_cli_writes_pngs_and_legend(toy_root: Path, tmp_path: Path) -> None
         shutil.copy(f, folder / f.name)
     ckpt = tmp_path / "pre" / "last.pth"
     r = run(["--datasets", "voc", "ade20k", "--unlabelled", f"images:{folder.parent}",
-             "--label-map", str(ROOT / "scripts" / "toy_label_map.txt"), "--data-root",
+             "--label-map", str(ROOT / "studies" / "toy_label_map.txt"), "--data-root",
              str(toy_root), "--iters", "2", "--mine-warmup", "1", "--out-dir", str(ckpt.parent),
              *TINY])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""scripts/plot_log.py: curves of hand-made log.jsonl files in one PNG, and one-line errors."""
+"""tools/plot_log.py: curves of hand-made log.jsonl files in one PNG, and one-line errors."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 import plot_log  # noqa: E402
 from utils import run_cli  # noqa: E402

@@ -1,4 +1,4 @@
-"""scripts/pretrain_eval.py: a pretraining checkpoint classifies its own dataset's pixels by the
+"""tools/pretrain_eval.py: a pretraining checkpoint classifies its own dataset's pixels by the
 nearest filled prototype of that dataset (MDP) or by its classifier (ce), checked per pixel."""
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 from pretrain_eval import (OwnTaskClassifier, class_means, effective_rank,  # noqa: E402
                            own_task_classifier, pixel_probe, prototype_cosines)
 

@@ -274,7 +274,7 @@ def test_fixed_shapes_bit_identical_to_compacted_form() -> None:
 
 
 def test_write_rows_bit_identical_to_compacted_form() -> None:
-    """write(means, cls[, valid]) with arbitrary rows, as scripts/bench.py fills a bank."""
+    """write(means, cls[, valid]) with arbitrary rows, as tools/bench.py fills a bank."""
     g = torch.Generator().manual_seed(4)
     C, D, Q = 6, 5, 3
     bank, ref = PrototypeBank(C, D, Q), CompactBank(C, D, Q)

@@ -1,4 +1,4 @@
-"""scripts/real_study.py --table-only: the table, claims and plots from finished jobs, checked
+"""studies/real_study.py --table-only: the table, claims and plots from finished jobs, checked
 against numbers computed by hand here (no training: the jobs' results are written by the test)."""
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 import real_study  # noqa: E402
-import studies  # noqa: E402
+import protocols  # noqa: E402
 
 
 def fake_job(work: Path, row: str, seed: int, name: str, miou: float) -> None:
@@ -31,7 +30,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
             ("ce", 0): (38.0, 31.0, 49.0), ("ce", 1): (36.0, 29.0, 47.0),
             ("random", 0): (20.0, 10.0, 30.0)}  # seed 1 of random unfinished: one eval only
     for (row, seed), vals in miou.items():
-        for name, v in zip(studies.EVALS, vals):
+        for name, v in zip(protocols.EVALS, vals):
             fake_job(work, row, seed, name, v)
     fake_job(work, "random", 1, "linear probe", 99.0)
     fake_job(work, "ce_iters1200", 0, "linear probe", 1.0)  # a rule's run: not a job of the table
@@ -40,7 +39,7 @@ def test_table_from_finished_jobs(tmp_path: Path, monkeypatch) -> None:
                      "--work-dir", str(work), "--results-dir", str(results)])
     data = json.loads((results / "real_table.json").read_text())
     for row in ("mdp", "ce"):
-        for k, name in enumerate(studies.EVALS):
+        for k, name in enumerate(protocols.EVALS):
             vals = np.array([miou[row, s][k] for s in (0, 1)])
             cell = data["table"][row][name]
             assert cell["n"] == 2 and cell["mean"] == pytest.approx(vals.mean())
@@ -67,7 +66,7 @@ def test_no_finished_job_is_an_error(tmp_path: Path) -> None:
 
 def test_own_task_diagnostic_in_the_table(tmp_path: Path, monkeypatch) -> None:
     work, results = tmp_path / "work", tmp_path / "results"
-    for name in studies.EVALS:
+    for name in protocols.EVALS:
         fake_job(work, "mdp", 0, name, 30.0)
     cached = work / "mdp" / "seed0" / "own_task.json"  # what pretrain_eval.py --out wrote
     cached.write_text(json.dumps({"mIoU": 21.5}))
@@ -108,7 +107,7 @@ def test_a_work_dir_holds_one_budget(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_diagnosis_table_from_finished_jobs(tmp_path: Path, monkeypatch, seed: int) -> None:
-    """scripts/real_diagnosis.py over finished jobs: every cell is the job's own number; another
+    """studies/real_diagnosis.py over finished jobs: every cell is the job's own number; another
     seed reads that seed's jobs and writes its own table."""
     import real_diagnosis
     work, results = tmp_path / "work", tmp_path / "results"
@@ -164,7 +163,7 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     no machine path is written."""
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
-    evals = list(studies.MULTI_EVALS)
+    evals = list(protocols.MULTI_EVALS)
     kept = {e: {"mIoU": 40.0 + k, "IoU": {}} for k, e in enumerate(evals)}
     (results / "multi_table.json").write_text(json.dumps({  # pairs from before per-pair records
         "header": "Real-image study: `x`", "mined": {"0": 0.125},
@@ -233,8 +232,8 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
 
 
 def test_multi_own_task_table_by_hand() -> None:
-    study = studies.make_study("multi", "folder:camvid")
-    src = studies.SOURCES
+    study = protocols.make_study("multi", "folder:camvid")
+    src = protocols.SOURCES
     own = {"mdp": {s: {d: {"mIoU": 10.0 * (k + 1) + s,
                            "stats": {"class_mean_cos_mean": 0.5 + s / 10,
                                      "backbone_effective_rank": 100.0 * (k + 1) + 10 * s}}
@@ -273,7 +272,7 @@ def test_choose_pretrain_rule(tmp_path: Path, monkeypatch, gain, chosen) -> None
         run = Path(argv[0]).parents[2].name  # RUNS/ce/seed0/pretrain0/last.pth: the study's length
         steps = int(run[8:]) if run.startswith("ce_iters") else real_study.MULTI_PRETRAIN_ITERS
         out = Path(argv[argv.index("--out") + 1])
-        k = studies.SOURCES.index(argv[argv.index("--dataset") + 1])
+        k = protocols.SOURCES.index(argv[argv.index("--dataset") + 1])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"mIoU": 30.0 + k + (gain if steps == 2400 else 0.0)}))
     monkeypatch.setattr(real_study.pretrain_eval, "main", fake_own)
@@ -293,34 +292,34 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
 
     def verdicts(checks: list[dict], mined: dict[int, float]) -> str:  # without the differences
         return re.sub(r": [−+][^|]*?(?= \|)", "", real_study.verdicts_markdown(checks, mined))
-    cam, src = studies.CAMVID_EVALS, studies.SOURCE_PROBES
+    cam, src = protocols.CAMVID_EVALS, protocols.SOURCE_PROBES
     checks = ([check("A", t, v) for t, v in zip(cam, ["holds", "holds", "within seed noise"])]
               + [check("A", t, v) for t, v in zip(src, ["holds", "holds", "reversed"])]
               + [check("B", t, v) for t, v in zip(cam, ["reversed (1 seed)"] * 2 + ["holds (1 seed)"])]
               + [check("B", src[0], "holds")]
-              + [check(studies.NO_CHANGE, t, "within seed noise") for t in cam]
-              + [check(studies.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
+              + [check(protocols.NO_CHANGE, t, "within seed noise") for t in cam]
+              + [check(protocols.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
                                                                    + ["holds"])]
-              + [check(studies.MINING, t, "holds (1 seed)") for t in cam])
+              + [check(protocols.MINING, t, "holds (1 seed)") for t in cam])
     text = verdicts(checks, {0: 0.0, 1: 0.0})
     assert "| A | holds (2 / 0 / 1) | does not hold (2 / 1 / 0) |" in text
     # weak: a fine-tuning under 3 points read as within noise changes the verdict; a probe never
     weak = [check("W", t, v, d) for t, v, d in zip(cam, ["holds"] * 3, [4.0, 2.9, 1.0])]
     weak += [check("S", t, v, d) for t, v, d in zip(cam, ["holds"] * 3, [1.0, 3.0, 2.0])]
     weak += [check("R", t, "reversed", -2.0) for t in cam]
-    weak += [check(studies.NO_CHANGE, cam[0], "within seed noise", 0.1),
-             check(studies.NO_CHANGE, cam[1], "within seed noise", 0.1),
-             check(studies.NO_CHANGE, cam[2], "reversed", -2.5)]
+    weak += [check(protocols.NO_CHANGE, cam[0], "within seed noise", 0.1),
+             check(protocols.NO_CHANGE, cam[1], "within seed noise", 0.1),
+             check(protocols.NO_CHANGE, cam[2], "reversed", -2.5)]
     text_weak = verdicts(weak, {})
     assert "| W | holds, weak (3 / 0 / 0) | — |" in text_weak  # 1/8 and all under 3
     assert "| S | holds (3 / 0 / 0) | — |" in text_weak  # probe never weakened
     assert "| R | reversed, weak (0 / 3 / 0) | — |" in text_weak
-    assert f"| {studies.NO_CHANGE} | does not hold, weak (0 / 1 / 2) | — |" in text_weak
+    assert f"| {protocols.NO_CHANGE} | does not hold, weak (0 / 1 / 2) | — |" in text_weak
     assert "| B | does not hold (1 seed) (1 / 2 / 0) | not read yet |" in text
-    assert f"| {studies.NO_CHANGE} | holds (0 / 0 / 3) | does not hold (1 / 0 / 2) |" in text
+    assert f"| {protocols.NO_CHANGE} | holds (0 / 0 / 3) | does not hold (1 / 0 / 2) |" in text
     assert "mining did not fire at this budget" in text
-    assert f"| {studies.MINING} | not tested: mining did not fire (3 / 0 / 0) | — |" in text
-    assert f"| {studies.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(
+    assert f"| {protocols.MINING} | not tested: mining did not fire (3 / 0 / 0) | — |" in text
+    assert f"| {protocols.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(
         checks, {0: 0.0, 1: 0.01})  # fired at one seed: read by the rule
     # each evaluation's difference ± noise, in the group's order whatever the checks' order
     assert ("| R | reversed, weak (0 / 3 / 0): " + " / ".join(["−2.0 ± 1.2"] * 3) + " | — |"
@@ -360,9 +359,9 @@ def test_rerun_job_runs_the_studys_job_and_sets_the_committed_value_beside(tmp_p
     flag = {k: argv[argv.index(k) + 1] for k in ("--ckpt", "--dataset", "--seed", "--iters",
                                                  "--amp", "--data-root")}
     assert flag == {"--ckpt": "none", "--dataset": "folder:camvid", "--seed": "1",
-                    "--iters": str(studies.MULTI_FINETUNE_ITERS), "--amp": "none",
+                    "--iters": str(protocols.MULTI_FINETUNE_ITERS), "--amp": "none",
                     "--data-root": "DATA"}
-    committed = json.loads((ROOT / "results" / "multi_table.json").read_text())
+    committed = json.loads((ROOT / "results" / "multi" / "multi_table.json").read_text())
     before = committed["runs"]["random"]["1"]["CamVid all"]["mIoU"]
     line = capsys.readouterr().out.strip().splitlines()[-1]  # after the job's "$ ..." line
     assert line.startswith("random seed 1 CamVid all: mIoU 12.50 here")
@@ -405,7 +404,7 @@ def test_paired_rule_by_hand() -> None:
     assert real_study.paired_difference([1.5]) == {"n": 1, "mean": 1.5, "half": None,
                                                    "verdict": "holds (1 seed)"}
     # pairing: seed 0's shift is shared by both rows, so it cancels; only common seeds count
-    evals = studies.CAMVID_EVALS
+    evals = protocols.CAMVID_EVALS
 
     def row(values: dict[int, float]) -> dict[int, dict]:
         return {s: {e: {"mIoU": v} for e in evals} for s, v in values.items()}

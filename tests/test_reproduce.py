@@ -1,4 +1,4 @@
-"""scripts/reproduce.py --quick end to end on a subset of rows (the full --quick runs every row)."""
+"""studies/reproduce.py --quick end to end on a subset of rows (the full --quick runs every row)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick",
+    cmd = [sys.executable, str(ROOT / "studies" / "reproduce.py"), "--quick",
            "--rows", "scratch", "sequential", "mdp_voc_ade", "--targets", "cityscapes",
            "--data-root", str(toy_root), "--work-dir", str(tmp_path / "work"),
            "--results-dir", str(tmp_path / "results")]
@@ -48,10 +48,10 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
     kept = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert kept.returncode == 0 and "$ " not in kept.stdout, kept.stderr[-3000:]
     first = json.loads((tmp_path / "results" / "toy_table_quick.json").read_text())
-    assert first["header"].startswith("Toy reproduction: `python scripts/reproduce.py --quick "
+    assert first["header"].startswith("Toy reproduction: `python studies/reproduce.py --quick "
                                       "--rows scratch` at commit")
     assert ("Rows sequential, mdp_voc_ade: not rerun, kept from the previous "
-            "toy_table_quick.json (`python scripts/reproduce.py --quick --rows scratch sequential "
+            "toy_table_quick.json (`python studies/reproduce.py --quick --rows scratch sequential "
             "mdp_voc_ade` at commit") in first["header"]
     # rebuilt again: the kept rows still name the call that ran them, not the last rebuild
     subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
@@ -61,7 +61,6 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
 
 
 def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
     from reproduce import keep_previous_rows
 
     res = lambda v: {"cityscapes": {"mIoU": v}, "voc": {"mIoU": v + 1}}  # noqa: E731
@@ -86,7 +85,6 @@ def test_rows_not_rerun_are_kept_from_the_previous_table(tmp_path: Path) -> None
 def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None:
     """A job stopped by SIGTERM saves its checkpoint and exits 143; the runner must not write
     `done` (a session ended mid-job once left a 20-step probe marked done), and reruns it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     sys.path.insert(0, str(ROOT))
     import reproduce
     import utils
@@ -127,7 +125,6 @@ def test_a_preempted_job_is_not_marked_done(tmp_path: Path, monkeypatch) -> None
 def test_a_killed_part_is_timed_to_its_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
     """A session's end may SIGKILL a job: no `finally` runs, so the part leaves `started` behind.
     The rerun counts that part from its start to its last checkpoint's write, then its own."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
     from reproduce import run_once
 
@@ -150,7 +147,6 @@ def test_a_killed_part_is_timed_to_its_last_checkpoint(tmp_path: Path, monkeypat
 def test_claim_verdicts_against_the_seed_spread_by_hand() -> None:
     """Each claim's verdict from the means and the summed population stds, worked by hand; a
     comparison in which either row has one seed has no spread to read it against."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from reproduce import check_claims, summarise
 
     runs = {"a": {0: {"t": {"mIoU": 30.0}}, 1: {"t": {"mIoU": 34.0}}},  # 32 ± 2
