@@ -98,7 +98,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-data-check", action="store_true",
                    help="skip reading every val and training image and mask (only the subset of "
                         "--train-fraction / --train-images) once before step 1")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        p.error(f"--out-dir {args.out_dir} is a file, not a folder")  # before any work
+    return args
 
 
 def resolve_args(args: argparse.Namespace, prev: dict | None, pre_arch: str | None,
@@ -329,7 +332,7 @@ def keep_subset(reader, args: argparse.Namespace, out_dir: Path) -> None:
         raise ValueError(f"{path} lists other training images than --subset-seed "
                          f"{args.subset_seed} gives now")
     if utils.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        utils.make_dir(out_dir)
         path.write_text(listing)
 
 

@@ -152,6 +152,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset_weights is not None and len(args.dataset_weights) != len(args.datasets):
         p.error(f"--dataset-weights needs one weight per dataset ({len(args.datasets)}), "
                 f"got {len(args.dataset_weights)}")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        p.error(f"--out-dir {args.out_dir} is a file, not a folder")  # before any work
     return args
 
 

@@ -8,6 +8,7 @@ torch.distributed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -154,6 +155,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not what the script expects."""
 
 
+class WriteError(OSError):
+    """A file the run writes could not be written (disk full, no permission, a file where a folder
+    should be); the message names the file and the cause."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (the full usage stays available through --help)."""
 
@@ -166,13 +172,28 @@ def run_cli(main: Callable[[], Any]) -> None:
     thing printed: progress bars still open are closed first (else one redraws itself after it)."""
     try:
         main()
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # tqdm's registry of open bars
-            bar.close()
-        msg = e.args[0] if e.args else repr(e)
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+    except (ValueError, FileNotFoundError, NotADirectoryError, WriteError) as e:
+        say_error(e.args[0] if e.args else repr(e))
         cleanup_distributed()
         sys.exit(2)
+
+
+def say_error(msg: str) -> None:
+    """The one `error: ...` line, the last thing printed: progress bars still open are closed
+    first (else one redraws itself after it)."""
+    for bar in list(getattr(tqdm, "_instances", [])):  # tqdm's registry of open bars
+        bar.close()
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def exit_every_rank(msg: str) -> NoReturn:
+    """Under DDP, for an error every rank knows of: rank 0 prints the `error:` line (as run_cli
+    would) and every rank exits with code 2."""
+    if is_main():
+        say_error(msg)
+    barrier()  # no rank exits before rank 0 has said why (torchrun then stops the others)
+    cleanup_distributed()
+    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,11 +252,7 @@ def check_data(readers: list, workers: int) -> None:
         return
     if not dist_on():
         raise ValueError(first[1])  # run_cli says it
-    if is_main():
-        print(f"error: {first[1]}", file=sys.stderr, flush=True)
-    barrier()  # no rank exits before rank 0 has said why (torchrun then stops the others)
-    cleanup_distributed()
-    sys.exit(2)
+    exit_every_rank(first[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,17 +303,67 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     if not all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()):
         raise ValueError(f"weights became non-finite at step {state.get('step')}; the last good "
                          f"checkpoint {path} is left as it was")
-    if is_main():
-        atomic_save(state, path)
+    write_on_rank0(lambda: atomic_save(state, path))
+
+
+def write_on_rank0(write: Callable[[], None]) -> None:
+    """Runs `write` on rank 0. Its WriteError ends the run with one `error:` line and exit code 2:
+    alone through run_cli; under DDP rank 0 shares the outcome (one collective per write) and
+    every rank exits together, rather than the others waiting in their next collective."""
+    failed = None
+    try:
+        if is_main():
+            write()
+    except WriteError as e:
+        if not dist_on():
+            raise
+        failed = str(e)
+    if dist_on():
+        box = [failed]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            exit_every_rank(box[0])
+
+
+def write_cause(e: BaseException) -> str:
+    """The OS's words for a failed write. torch's writer reports a disk-full as "unexpected pos
+    ..."; the OSError of the Python file it wrote to is its __context__."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def make_dir(path: str | Path) -> Path:
+    """mkdir -p; what stands in the way (a file of that name, no permission) is a WriteError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file of that name exists" if isinstance(e, FileExistsError) else write_cause(e)
+        raise WriteError(f"cannot create the folder {path}: {why}") from None
+    return path
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file, then rename: `path` is always the old file or the new one."""
+    """torch.save to a temp file, then rename: `path` is always the old file or the new one. A
+    failed write (disk full, no permission) removes the temp file and raises WriteError naming
+    `path` and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = make_dir(path.parent) / f".{path.name}.tmp"
+    try:
+        with open(tmp, "wb") as f:  # a Python file: its OSError names the cause (write_cause)
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename; NFS / quota errors show up here
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # RuntimeError: torch's writer
+            raise WriteError(f"cannot write {path}: {write_cause(e)}; the previous {path.name}, "
+                             f"if any, is left as it was") from e
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
@@ -317,10 +384,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def save_config(args: Any, out_dir: str | Path) -> None:
-    if is_main():
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(out_dir) / "config.json", "w") as f:
-            json.dump(vars(args), f, indent=2, default=str)
+    def write() -> None:
+        path = make_dir(out_dir) / "config.json"
+        try:
+            path.write_text(json.dumps(vars(args), indent=2, default=str))
+        except OSError as e:
+            raise WriteError(f"cannot write {path}: {write_cause(e)}") from None
+
+    write_on_rank0(write)
 
 
 class JsonlLogger:
