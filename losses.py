@@ -86,7 +86,8 @@ def _shares_dataset(class_dataset: torch.Tensor) -> torch.Tensor:
 
 
 def csc_loss(z: torch.Tensor, prototypes: torch.Tensor, filled: torch.Tensor, labels: torch.Tensor,
-             class_dataset: torch.Tensor, tau: float = 0.07, topk: int = 3) -> torch.Tensor:
+             class_dataset: torch.Tensor, tau: float = 0.07, topk: int = 3,
+             similarity: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """M5 cross-dataset sparse coding.
 
     For a hard-labelled pixel p of dataset d = class_dataset[label], the candidates are the filled
@@ -97,11 +98,18 @@ def csc_loss(z: torch.Tensor, prototypes: torch.Tensor, filled: torch.Tensor, la
     membership matrix), a class is a candidate only if it shares no dataset with the pixel's
     label: a class of any dataset the label belongs to is one that label excludes (METHOD.md M5).
 
+    [ours] `similarity` = (prototypes (C, D), filled (C,)) of another source, e.g. the two-step
+    bank kept beside learned prototypes (`--csc-similarity bank`): the top-k and alpha are read
+    from z . those / tau instead, the loss's softmax stays over `prototypes`. None: the source's.
+
     z (N, D), prototypes (C, D), filled (C,) bool, labels (N,) hard labels / IGNORE,
     class_dataset (C,) int64, or (C, num_datasets) bool membership. Returns a scalar.
     """
     s = _masked_logits(z, prototypes, filled, tau)  # (N, C)
     logp = s.log_softmax(1)
+    if similarity is not None:
+        filled = filled & similarity[1]
+        s = _masked_logits(z, similarity[0], filled, tau)  # (N, C): who is similar, and how much
     same = _shares_dataset(class_dataset)[labels.clamp(min=0)]  # (N, C): class shares the pixel's dataset
     cand = filled[None, :] & ~same & (labels != IGNORE)[:, None]
     k = min(topk, s.shape[1])
@@ -177,6 +185,20 @@ def pix2pix_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07, max_p
         total = total + loss_i[anchor].sum()
         count = count + anchor.sum()
     return total / count.clamp(min=1)
+
+
+def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Keeps at most `max_pixels` random valid pixels per image (M4 --max-pixels).
+
+    valid: (B, P) bool -> (B, P) bool subset.
+    """
+    if max_pixels <= 0 or max_pixels >= valid.shape[1]:
+        return valid
+    score = torch.rand(valid.shape, generator=gen).to(valid.device)
+    score = score.masked_fill(~valid, -1.0)
+    top = score.topk(max_pixels, dim=1).indices  # (B, max_pixels)
+    keep = torch.zeros_like(valid).scatter_(1, top, True)
+    return keep & valid
 
 
 def downsample_labels(y: torch.Tensor, size: tuple[int, int],

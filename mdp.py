@@ -48,7 +48,7 @@ class MDPNet(nn.Module):
     or logits (B, C, H/s, W/s) from a 1x1 classifier when num_classes > 0 (M8 `ce` / `multihead`)."""
 
     def __init__(self, arch: str = "resnet50", output_stride: int = 8, embed_dim: int = 256,
-                 num_classes: int = 0):
+                 num_classes: int = 0, embed_norm: str = "none"):
         super().__init__()
         self.backbone = build_resnet(arch, output_stride)
         # the classifier of the ImageNet task is not part of this network: an unused parameter
@@ -61,6 +61,13 @@ class MDPNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(width, embed_dim, 1),
         )
+        if embed_norm == "bn":  # [ours] `--embed-norm bn`: see METHOD.md M2
+            # each embedding dimension standardised over the batch's pixels before the L2 norm
+            # (BN without affine, as in SimCLR's and BYOL's projection heads): what every pixel
+            # shares is taken out before the bank averages the embeddings into class means
+            self.head.append(nn.BatchNorm2d(embed_dim, affine=False))
+        elif embed_norm != "none":
+            raise ValueError(f"unknown embed_norm {embed_norm!r}; expected none or bn")
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1) if num_classes > 0 else None
         self.feature_stride = output_stride
         self.embed_dim = embed_dim

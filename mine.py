@@ -70,6 +70,22 @@ def mined_loss(z: torch.Tensor, valid: torch.Tensor, prototypes: torch.Tensor, f
     return loss, (labels != IGNORE).sum() / valid.sum().clamp(min=1)
 
 
+def threshold_for_precision(conf: torch.Tensor, correct: torch.Tensor,
+                            precision: float = 0.9) -> float | None:
+    """[ours] The lowest threshold t at which the pixels whose confidence reaches it (conf >= t)
+    are at least `precision` correct, i.e. the most pixels a threshold can mine while its
+    pseudo-labels stay that good; t is one of the confidences, None when no t gives `precision`.
+    conf (N,) top prototype probabilities, correct (N,) bool: the top class is the pixel's label."""
+    if conf.numel() == 0:
+        return None
+    c, order = conf.double().sort(descending=True)  # (N,)
+    hits = correct[order].double().cumsum(0) / torch.arange(1, len(c) + 1, dtype=torch.float64)
+    # a threshold takes every pixel of its confidence: read each tie group at its last pixel
+    ends = torch.cat([c[:-1] != c[1:], torch.tensor([True])])  # (N,)
+    ok = (ends & (hits >= precision)).nonzero()
+    return float(c[ok.max()]) if len(ok) else None
+
+
 # -------------------------------------------------------------------------------------------- data
 class UnlabelledImages(Dataset):
     """Images as a reader for datasets.MultiDataset: items (PIL image, (H, W) uint8 zeros). The
@@ -206,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         threshold = 0.9 if threshold is None else threshold  # checkpoints from before M10
     space = LabelSpace.from_state_dict(state["label_space"])  # carries a --label-map's merges
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = MDPNet(train_args["arch"], train_args["output_stride"], train_args["embed_dim"])
+    model = MDPNet(train_args["arch"], train_args["output_stride"], train_args["embed_dim"],
+                   embed_norm=train_args.get("embed_norm", "none"))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     protos, filled = (t.to(device) for t in prototypes_from_state(state["bank"]))  # (C, D), (C,)

@@ -241,11 +241,16 @@ class FixedAnchors(nn.Module):
 class LearnedPrototypes(nn.Module):
     """`--prototypes learned`: M4 with free prototypes, i.e. a cosine classifier at the same tau
     (unit weight rows, unit embeddings), trained by the loss's gradient. Starts at the anchors that
-    `--prototypes anchors` would keep fixed (same seed), so the two differ only in the learning."""
+    `--prototypes anchors` would keep fixed (same seed), so the two differ only in the learning.
 
-    def __init__(self, num_classes: int, dim: int, seed: int = 0):
+    bank_size > 0 (`--csc-similarity bank`) also keeps the source's two-step bank of the same
+    embeddings, updated as M3 and used by nothing but CSC's choice of similar classes: learned
+    prototypes stay nearly orthogonal, so they say nothing about which classes are alike."""
+
+    def __init__(self, num_classes: int, dim: int, seed: int = 0, bank_size: int = 0):
         super().__init__()
         self.weight = nn.Parameter(random_orthonormal(num_classes, dim, seed))  # (C, D)
+        self.bank = PrototypeBank(num_classes, dim, bank_size) if bank_size else None
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -255,8 +260,9 @@ class LearnedPrototypes(nn.Module):
     def filled(self) -> torch.Tensor:
         return torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
 
-    def update(self, z: torch.Tensor, labels: torch.Tensor, **_) -> None:
-        pass  # learned by the optimiser
+    def update(self, z: torch.Tensor, labels: torch.Tensor, **kw) -> None:
+        if self.bank is not None:  # the prototypes themselves are learned by the optimiser
+            self.bank.update(z, labels, **kw)
 
 
 class LogitScale(nn.Module):
@@ -276,16 +282,38 @@ class LogitScale(nn.Module):
         return torch.exp(-log_scale.clamp(max=math.log(100.0)))
 
 
-def build_prototypes(kind: str, num_classes: int, dim: int, bank_size: int, seed: int) -> nn.Module:
+class CentredBank(PrototypeBank):
+    """`--prototypes centred`: the M3 bank, each prototype re-centred on the mean of the filled
+    ones, p_c = normalise(b_c - mean_k b_k) with b the bank's two-step prototypes. The embeddings
+    keep a component common to every class, so the bank's class means all lean the same way
+    (cosine 0.75-0.85 on real images); the contrast then pulls every pixel further along it. The
+    centred prototypes keep what tells the classes apart and leave the common part out."""
+
+    @torch.no_grad()
+    def write(self, means: torch.Tensor, cls: torch.Tensor,
+              valid: torch.Tensor | None = None) -> None:
+        super().write(means, cls, valid)
+        n = self.count.clamp(min=1, max=self.bank_size).unsqueeze(1).to(self.memory.dtype)
+        two_step = F.normalize(self.memory.sum(1) / n, dim=1)  # (C, D), zero rows where empty
+        common = two_step.sum(0) / self.filled.sum().clamp(min=1)  # (D,) mean of the filled rows
+        self.prototypes.copy_(torch.where(self.filled.unsqueeze(1),
+                                          F.normalize(two_step - common, dim=1), 0.0))
+
+
+def build_prototypes(kind: str, num_classes: int, dim: int, bank_size: int, seed: int,
+                     csc_bank: bool = False) -> nn.Module:
     """The prototype source of `--prototypes`: the M3 bank (the source's rule) or an [ours]
-    variant."""
+    variant; csc_bank: learned prototypes also keep a bank for CSC (`--csc-similarity bank`)."""
     if kind == "bank":
         return PrototypeBank(num_classes, dim, bank_size)
+    if kind == "centred":
+        return CentredBank(num_classes, dim, bank_size)
     if kind == "anchors":
         return FixedAnchors(num_classes, dim, seed)
     if kind == "learned":
-        return LearnedPrototypes(num_classes, dim, seed)
-    raise ValueError(f"unknown prototype source {kind!r}; expected bank, anchors or learned")
+        return LearnedPrototypes(num_classes, dim, seed, bank_size if csc_bank else 0)
+    raise ValueError(f"unknown prototype source {kind!r}; expected bank, centred, anchors or "
+                     f"learned")
 
 
 def prototypes_from_state(state: dict) -> tuple[torch.Tensor, torch.Tensor]:

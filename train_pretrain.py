@@ -32,7 +32,7 @@ import utils
 from datasets import (IGNORE, DatasetMixSampler, LabelSpace, MultiDataset, build_multidataset,
                       train_transform)
 from losses import (ce_loss, csc_loss, downsample_labels, multihead_loss, pix2pix_loss,
-                    prototype_contrast_loss)
+                    prototype_contrast_loss, sample_pixels)
 from mdp import ARCHS, MDPNet, init_from_imagenet
 from mixing import hard_labels, mix_batch, show_batch
 from prototypes import LogitScale, PrototypeBank, build_prototypes, prototype_cosine
@@ -56,6 +56,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
     p.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
     p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--embed-norm", default="none", choices=["none", "bn"],
+                   help="[ours] bn: standardise each embedding dimension over the batch before "
+                        "the L2 norm (takes out the component every pixel shares)")
     p.add_argument("--init", default=None,
                    help="imagenet:PATH (torchvision ResNet weights) or PATH (a pretraining "
                         "checkpoint: sequential baseline)")
@@ -66,14 +69,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--csc-weight", type=float, default=0.1)
     p.add_argument("--no-csc", action="store_true")
+    p.add_argument("--csc-similarity", default="prototypes", choices=["prototypes", "bank"],
+                   help="[ours] bank: with --prototypes learned, CSC picks the similar classes "
+                        "(and their weights) by a two-step bank of the same embeddings")
     p.add_argument("--mix", default=None, choices=["none", "region", "pixel", "both"],
                    help="cross-dataset mixing (default: both for mdp, none for the baselines)")
     p.add_argument("--label-purity", type=float, default=0.0, metavar="P",
                    help="keep a feature's label only if >= P of its cell's pixels share it "
                         "(M4; default 0: plain nearest sampling)")
-    p.add_argument("--prototypes", default="bank", choices=["bank", "anchors", "learned"],
-                   help="M3: the two-step bank of the source; [ours] anchors = fixed random "
-                        "orthonormal class anchors, learned = free prototypes (cosine classifier)")
+    p.add_argument("--prototypes", default="bank",
+                   choices=["bank", "centred", "anchors", "learned"],
+                   help="M3: the two-step bank of the source; [ours] centred = the bank's "
+                        "prototypes minus their mean, anchors = fixed random orthonormal class "
+                        "anchors, learned = free prototypes (cosine classifier)")
     p.add_argument("--proto-grad", action="store_true",
                    help="[ours] the batch's share of each bank prototype carries its gradient "
                         "(values unchanged)")
@@ -139,6 +147,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.prototypes != "bank" or args.learn_tau or args.proto_grad) and args.method != "mdp":
         p.error(f"--prototypes {args.prototypes} / --learn-tau / --proto-grad change MDP's loss; "
                 f"--method {args.method} has none")
+    if args.csc_similarity == "bank" and (args.prototypes != "learned" or args.no_csc):
+        p.error("--csc-similarity bank adds a bank beside --prototypes learned for CSC; it needs "
+                f"both, got --prototypes {args.prototypes}" + (" and --no-csc" * args.no_csc))
+    if args.embed_norm != "none" and args.method != "mdp":
+        p.error(f"--embed-norm acts on MDP's embedding; --method {args.method} has a classifier")
     if args.proto_grad and args.prototypes != "bank":
         p.error(f"--proto-grad acts on the bank's prototypes, not --prototypes {args.prototypes}")
     if args.unlabelled and args.method != "mdp":
@@ -160,20 +173,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """CPU generator for the mixing / pixel-sampling draws of one step on one rank."""
     return torch.Generator().manual_seed(hash((seed, rank, step)) % 2**63)  # int tuples hash stably
-
-
-def sample_pixels(valid: torch.Tensor, max_pixels: int, gen: torch.Generator) -> torch.Tensor:
-    """Keeps at most `max_pixels` random valid pixels per image (M4 --max-pixels).
-
-    valid: (B, P) bool -> (B, P) bool subset.
-    """
-    if max_pixels <= 0 or max_pixels >= valid.shape[1]:
-        return valid
-    score = torch.rand(valid.shape, generator=gen).to(valid.device)
-    score = score.masked_fill(~valid, -1.0)
-    top = score.topk(max_pixels, dim=1).indices  # (B, max_pixels)
-    keep = torch.zeros_like(valid).scatter_(1, top, True)
-    return keep & valid
 
 
 def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
@@ -217,7 +216,10 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
     if torch.is_tensor(tau):
         parts["tau"] = tau.detach()
     if not args.no_csc:
-        loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=tau, topk=args.topk)
+        similar = getattr(bank, "bank", None)  # --csc-similarity bank: learned + its own bank
+        loss_csc = csc_loss(feats, protos, filled, hard, class_dataset, tau=tau, topk=args.topk,
+                            similarity=None if similar is None else (similar.prototypes,
+                                                                     similar.filled))
         loss = loss_con + args.csc_weight * loss_csc
         parts["csc"] = loss_csc.detach()
     if out_u is not None:  # M10
@@ -232,7 +234,7 @@ def compute_loss(args: argparse.Namespace, out: torch.Tensor, y_a: torch.Tensor,
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> MDPNet:
     with_classifier = args.method in ("ce", "multihead")
     model = MDPNet(args.arch, args.output_stride, args.embed_dim,
-                   num_classes=num_classes if with_classifier else 0)
+                   num_classes=num_classes if with_classifier else 0, embed_norm=args.embed_norm)
     if args.init and args.init.startswith("imagenet:"):
         init_from_imagenet(model, args.init.split(":", 1)[1])
     elif args.init:  # sequential baseline: every tensor of the previous stage whose shape fits
@@ -288,7 +290,7 @@ def build_optimization(args: argparse.Namespace, model: MDPNet, num_classes: int
     bank = logit_scale = None
     if args.method == "mdp":
         bank = build_prototypes(args.prototypes, num_classes, args.embed_dim, args.bank_size,
-                                args.seed).to(device)
+                                args.seed, args.csc_similarity == "bank").to(device)
     if args.learn_tau:
         logit_scale = LogitScale(args.tau).to(device)
     model, ddp = utils.wrap_model(model, device, args.sync_bn)

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +50,19 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 import finetune  # noqa: E402
 import pretrain_eval  # noqa: E402
+import utils  # noqa: E402
+from datasets import MultiDataset, build_reader, eval_transform  # noqa: E402
+from mine import threshold_for_precision  # noqa: E402
 from plot_log import read_log  # noqa: E402
 from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
                        efficiency_plot, git_commit, job_commits, job_hours, job_record,
                        merge_records, pretrain, run_once,
                        summarise, write_markdown)
 from protocols import (ARCH, CAMVID_EVALS, DOWNSTREAM, EVALS, FINETUNE,  # noqa: E402
-                     MULTI_PRETRAIN_ITERS, MULTI_ROWS, MINING, NO_CHANGE, OUTPUT_STRIDE, PRETRAIN,
-                     PROBE_ITERS, SIZE, SOURCE_PROBES, SOURCES, Study, make_study)
+                       MINE_PRECISION, MULTI_PRETRAIN_ITERS, MULTI_ROWS, OUTPUT_STRIDE,
+                       PRETRAIN, PROBE_ITERS, SIZE, SOURCE_PROBES, SOURCES, Study, make_study)
+from readings import (T975, glance_markdown, group_verdict, paired_checks,  # noqa: E402,F401
+                      paired_difference, paired_markdown, verdicts_markdown)
 
 
 
@@ -103,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", default=None, help="default: results/<camvid|multi>")
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the table from the finished jobs, run nothing")
-    p.add_argument("--choose", choices=["finetune", "pretrain"], default=None,
+    p.add_argument("--choose", choices=["finetune", "pretrain", "mine"], default=None,
                    help="multi study: run the rule that fixes the fine-tuning steps (random "
-                        "weights on CamVid) or the pretraining steps (CE's own task on the "
-                        "sources' val) and write results/multi/multi_protocol.json")
+                        "weights on CamVid), the pretraining steps (CE's own task on the "
+                        "sources' val) or (g)'s mining threshold (the precision of learned "
+                        "prototypes' pseudo-labels on the sources' val) and write "
+                        "results/multi/multi_protocol.json")
     p.add_argument("--own-task", action="store_true",
                    help="diagnostic: each finished pretraining checkpoint's own-task mIoU on val "
                         "(tools/pretrain_eval.py, cached beside the checkpoint) in the table")
@@ -126,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(study.evals[n][3] <= 0 for n in args.evals) and not args.table_only:
         p.error("the fine-tuning budget is not fixed yet: run `--choose finetune` first "
                 "(results/multi/README.md)")
+    if not args.table_only and (r := next((r for r in args.rows for _, f in study.rows[r]
+                                           if "None" in f), None)):
+        p.error(f"row {r}'s mining threshold is not fixed yet: run `--choose mine` first, or "
+                f"leave the row out with --rows")
     args.pretrain_iters = args.pretrain_iters or study.pretrain_iters
     scale = 10 if args.quick else 1
     data_root = Path(args.data_root)
@@ -178,8 +190,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 KEPT = "kept from the committed json: "
-# [ours, after seed 1] rounding alone moves a fine-tuning job ~1.6 points (results/multi/README.md)
-FINETUNINGS, WEAK_FINETUNE = CAMVID_EVALS[1:], 3.0
 
 
 # The two rules of the multi study's protocol (results/multi/README.md), fixed before they ran.
@@ -214,7 +224,7 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
             if len(learned) >= LEARNED_CLASSES:
                 break
         record["finetune"] = {"tried": tried, "chosen": steps}
-    else:
+    elif which == "pretrain":
         tried = {}
         for steps in PRETRAIN_CANDIDATES:
             out = work / ("ce" if steps == MULTI_PRETRAIN_ITERS else f"ce_iters{steps}") / "seed0"
@@ -227,9 +237,41 @@ def choose(which: str, data_root: Path, work: Path, args: argparse.Namespace) ->
         gain = tried[PRETRAIN_CANDIDATES[1]]["mean"] - tried[PRETRAIN_CANDIDATES[0]]["mean"]
         chosen = PRETRAIN_CANDIDATES[1] if gain >= PRETRAIN_GAIN else PRETRAIN_CANDIDATES[0]
         record["pretrain"] = {"tried": tried, "gain": gain, "chosen": chosen}
+    else:
+        record["mine"] = choose_mine_threshold(work, data_root)
     record.setdefault("made", {})[which] = f"commit {git_commit()}"
     save(record)
     print(json.dumps(record[which], indent=1))
+
+
+def choose_mine_threshold(work: Path, data_root: Path) -> dict:
+    """(g)'s rule [ours, committed before (g) ran]: the first finished mdp_learned checkpoint in
+    `work` (lowest seed); each source's val pixels (first 50 images, feature resolution) as M10
+    reads them, pooled; the lowest threshold at which their pseudo-labels are MINE_PRECISION
+    correct (mine.threshold_for_precision), rounded down to 0.001. The source's 0.9 stays when
+    that threshold is None or above it."""
+    done = sorted(work.glob("mdp_learned/seed*/pretrain0/done"), key=lambda d: d.parents[1].name)
+    if not done:
+        raise SystemExit(f"error: no finished mdp_learned pretraining under {work}: run that row "
+                         f"first")
+    ckpt = done[0].parent / "last.pth"
+    state = utils.load_checkpoint(ckpt, required=("model", "args", "label_space", "bank"))
+    conf, correct = [], []
+    for source in SOURCES:
+        classifier, _ = pretrain_eval.own_task_classifier(state, source)
+        val = MultiDataset([build_reader(source, data_root, "val")],
+                           eval_transform((int(SIZE[1]), int(SIZE[2]))))
+        c, ok = pretrain_eval.mining_confidence(classifier, val, state["args"]["tau"])
+        conf.append(c), correct.append(ok)
+    conf, correct = torch.cat(conf), torch.cat(correct)
+    found = threshold_for_precision(conf, correct, MINE_PRECISION)
+    # rounded down to 0.001; the 1e-4 keeps a float32 0.7 (0.69999999) at 0.7, which float32
+    # mining compares equal
+    chosen = 0.9 if found is None or found >= 0.9 else float(np.floor(found * 1000 + 1e-4) / 1000)
+    return {"checkpoint": f"mdp_learned {done[0].parents[1].name}", "pixels": len(conf),
+            "max_confidence": float(conf.max()), "correct_at_0.9": None if not (
+                conf >= 0.9).any() else float(correct[conf >= 0.9].float().mean()),
+            "threshold": found, "chosen": chosen, "precision": MINE_PRECISION}
 
 
 def own_task_of(out: Path, source: str, data_root: str | Path, per_source: bool) -> dict:
@@ -376,6 +418,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
         text += verdicts_markdown(checks, mined)
         paired = paired_checks(runs, study.claims, evals)
         text += paired_markdown(paired, mined)
+        if set(CAMVID_EVALS + SOURCE_PROBES) <= set(evals):  # the README's table, at a glance
+            (results / "glance.md").write_text(glance_markdown(runs, study.labels))
     per_seed = ["", "Per seed (mIoU):", "", "| row | " + " | ".join(evals) + " |",
                 "|---|" + "---|" * len(evals)]
     per_seed += [f"| {study.labels[r]} | " + " | ".join(
@@ -403,126 +447,6 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
 def placeholders(text: str, args: argparse.Namespace, work: Path) -> str:
     """No machine's paths in a committed file: the data root and the work dir become DATA, RUNS."""
     return text.replace(str(work), "RUNS").replace(str(args.data_root), "DATA")
-
-
-def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
-    """Each claim read by the protocol's rule (results/multi/README.md) on the unseen set (the three
-    CamVid evaluations) and on the sources (the three probes): it holds when it holds on at least
-    two of the three and is reversed on none ("changes nothing": within seed noise on all three);
-    reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
-    with an evaluation missing is not read yet; mining that fired at no seed leaves its claim
-    untested. A CamVid verdict is marked weak when it changes once the fine-tunings that differ by
-    under WEAK_FINETUNE points are read as within noise [ours, added with seeds 0-1 in: float
-    rounding alone moves one fine-tuning job about 1.6 points, a probe not at all]."""
-    lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
-             "the group's evaluations), then each evaluation's difference ± the sum of the stds:",
-             "", f"| claim | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
-             f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|"]
-    fired = any(v > 0 for v in mined.values())
-    for claim in dict.fromkeys(c["claim"] for c in checks):
-        cells = []
-        for group in (CAMVID_EVALS, SOURCE_PROBES):
-            got = [c for c in checks if c["claim"] == claim and c["target"] in group]
-            if len(got) < len(group):
-                cells.append("—" if not got else "not read yet")
-                continue
-            verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
-            got.sort(key=lambda c: group.index(c["target"]))
-            counts += ": " + " / ".join(f"{c['diff']:+.1f} ± {c['noise']:.1f}".replace("-", "−")
-                                        for c in got)
-            if claim == MINING and not fired:  # its differences are not mining's
-                cells.append(f"not tested: mining did not fire {counts}")
-                continue
-            robust, _ = group_verdict(claim, [
-                "within" if c["target"] in FINETUNINGS and abs(c["diff"]) < WEAK_FINETUNE
-                else c["verdict"] for c in got])
-            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) else ""
-            weak = ", weak" if robust != verdict else ""
-            cells.append(f"{verdict}{one}{weak} {counts}")
-        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
-    lines += ["", f"Weak: the verdict changes when the CamVid fine-tunings that differ by under "
-              f"{WEAK_FINETUNE:g} points are read as within noise (float rounding alone moves one "
-              "fine-tuning job by about 1.6 points; see results/multi/README.md)."]
-    if mined:
-        lines += ["", "Mining (M10), `mined_frac` over the last 100 pretraining steps of "
-                  "mdp_unlabelled: " + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined.items())
-                  + ("." if fired else "; mining did not fire at this budget, so the claim "
-                     "\"unlabelled images help\" is not tested here.")]
-    return "\n".join(lines) + "\n"
-
-
-def group_verdict(claim: str, verdicts: list[str]) -> tuple[str, str]:
-    """One group's verdict by the protocol's rule, and its (holds / reversed / within) counts."""
-    n = {v: sum(x.startswith(v) for x in verdicts) for v in ("holds", "reversed", "within")}
-    counts = f"({n['holds']} / {n['reversed']} / {n['within']})"
-    if claim == NO_CHANGE:
-        return ("holds" if n["within"] == len(verdicts) else "does not hold"), counts
-    return ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
-            if n["reversed"] >= 2 and not n["holds"] else "does not hold"), counts
-
-
-# The paired rule [ours, committed 2026-12-05 before seeds 3-4 and the rows added with it; see the
-# protocol's addendum in results/multi/README.md]. Rows that share a seed share its 1/8 subset and
-# every random draw keyed by it, so each claim is read on the per-seed differences: a paired t
-# interval at 95 % (two-sided), t_{0.975} of Student's t with n - 1 degrees of freedom for n seeds.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228}
-
-
-def paired_difference(diffs: list[float]) -> dict:
-    """Mean of the per-seed differences and its 95 % paired t interval; verdict: holds when the
-    interval lies above 0, reversed when below, within (level) when it holds 0. One seed: no
-    interval, the sign only, marked."""
-    n, mean = len(diffs), float(np.mean(diffs))
-    if n < 2:
-        return {"n": n, "mean": mean, "half": None,
-                "verdict": ("holds" if mean > 0 else "reversed") + " (1 seed)"}
-    half = T975[n - 1] * float(np.std(diffs, ddof=1)) / np.sqrt(n)
-    verdict = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within"
-    return {"n": n, "mean": mean, "half": half, "verdict": verdict}
-
-
-def paired_checks(runs: dict[str, dict[int, dict]], claims: list, evals: list[str]) -> list[dict]:
-    """Every claim per evaluation by the paired rule, on the seeds both rows have."""
-    checks = []
-    for claim, better, worse, targets, _ in claims:
-        seeds = sorted(set(runs.get(better, {})) & set(runs.get(worse, {})))
-        for t in (t for t in targets if t in evals and seeds):
-            diffs = [runs[better][s][t]["mIoU"] - runs[worse][s][t]["mIoU"] for s in seeds]
-            checks.append({"claim": claim, "target": t, "better": better, "worse": worse,
-                           "seeds": seeds, "diffs": diffs, **paired_difference(diffs)})
-    return checks
-
-
-def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
-    """Each claim by the paired rule, grouped as the protocol's rule groups them (verdicts_markdown):
-    the group's verdict from its evaluations' paired verdicts, then each mean difference with its
-    95 % interval [low, high] and the seeds it rests on."""
-    lines = ["", "Each claim by the paired rule (addendum of 2026-12-05: per seed the difference of "
-             "the two rows, its mean over the seeds and the 95 % paired t interval; holds / "
-             "reversed / level, of the group's evaluations: the group rule of the protocol), then each evaluation's mean "
-             "difference [95 % interval]:", "",
-             f"| claim | seeds | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
-             f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|---|"]
-    fired = any(v > 0 for v in mined.values())
-    for claim in dict.fromkeys(c["claim"] for c in paired):
-        cells, seeds = [], next(c["seeds"] for c in paired if c["claim"] == claim)
-        for group in (CAMVID_EVALS, SOURCE_PROBES):
-            got = sorted((c for c in paired if c["claim"] == claim and c["target"] in group),
-                         key=lambda c: group.index(c["target"]))
-            if len(got) < len(group):
-                cells.append("—" if not got else "not read yet")
-                continue
-            verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
-            one = " (1 seed)" if len(seeds) < 2 else ""
-            diffs = " / ".join(f"{c['mean']:+.1f}" + ("" if c["half"] is None else
-                               f" [{c['mean'] - c['half']:+.1f}, {c['mean'] + c['half']:+.1f}]")
-                               for c in got).replace("-", "−")
-            if claim == MINING and not fired:
-                verdict = "not tested: mining did not fire"
-            cells.append(f"{verdict}{one} {counts}: {diffs}")
-        lines.append(f"| {claim} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def mined_fractions(work: Path) -> dict[int, float]:

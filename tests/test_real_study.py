@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 import real_study  # noqa: E402
@@ -418,3 +419,49 @@ def test_paired_rule_by_hand() -> None:
     assert ("| a beats b | 0, 1, 2 | holds (3 / 0 / 0): " + " / ".join(["+1.5 [+0.3, +2.7]"] * 3)
             + " | — |") in text
     assert "| b beats a | 0, 1, 2 | reversed (0 / 3 / 0): " in text
+
+
+@pytest.mark.parametrize("confs, oks, chosen", [
+    # pooled over the sources: 0.8 ok, 0.7 ok, 0.6 wrong (source 1); 0.75 ok, 0.5 wrong (source 2)
+    # sorted 0.8 0.75 0.7 0.6 0.5: precision 1, 1, 1, 3/4, 3/5 -> 0.7 is the lowest at 0.9
+    ([[0.8, 0.7, 0.6], [0.75, 0.5], [0.4]], [[1, 1, 0], [1, 0], [0]], 0.7),
+    ([[0.95, 0.91], [0.5], [0.3]], [[1, 1], [0], [0]], 0.9),  # found above 0.9: the source's 0.9
+    ([[0.8], [0.7], [0.6]], [[0], [0], [0]], 0.9),  # never 90 % correct: the source's 0.9
+    ([[0.6667], [0.1], [0.1]], [[1], [0], [0]], 0.666),  # rounded down to 0.001
+])
+def test_choose_mine_rule(tmp_path: Path, monkeypatch, confs, oks, chosen) -> None:
+    """(g)'s threshold: the first finished mdp_learned checkpoint (lowest seed), every source's
+    val pixels pooled, the lowest threshold at 90 % correct, else the source's 0.9."""
+    for seed in (4, 3):
+        (tmp_path / "mdp_learned" / f"seed{seed}" / "pretrain0").mkdir(parents=True)
+        (tmp_path / "mdp_learned" / f"seed{seed}" / "pretrain0" / "done").write_text("x\n")
+    loaded = []
+    monkeypatch.setattr(real_study.utils, "load_checkpoint",
+                        lambda path, required: loaded.append(path) or {"args": {"tau": 0.07}})
+    monkeypatch.setattr(real_study.pretrain_eval, "own_task_classifier",
+                        lambda state, source: (protocols.SOURCES.index(source), "mdp"))
+    monkeypatch.setattr(real_study, "build_reader", lambda *a: None)
+    monkeypatch.setattr(real_study, "MultiDataset", lambda *a: None)
+    monkeypatch.setattr(real_study.pretrain_eval, "mining_confidence", lambda k, val, tau: (
+        torch.tensor(confs[k]), torch.tensor(oks[k], dtype=torch.bool)))
+    rec = real_study.choose_mine_threshold(tmp_path, tmp_path)
+    assert loaded == [tmp_path / "mdp_learned" / "seed3" / "pretrain0" / "last.pth"]
+    assert rec["chosen"] == pytest.approx(chosen) and rec["checkpoint"] == "mdp_learned seed3"
+    assert rec["pixels"] == sum(map(len, confs))
+    with pytest.raises(SystemExit, match="no finished mdp_learned"):
+        real_study.choose_mine_threshold(tmp_path / "empty", tmp_path)
+
+
+def test_g_row_waits_for_its_threshold(tmp_path: Path, monkeypatch) -> None:
+    """Until `--choose mine` has fixed it, the row (g) is refused (one line), the others run; once
+    fixed, its flags carry the number."""
+    monkeypatch.setattr(protocols, "MINE_THRESHOLD", None)
+    study = protocols.make_study("multi", "folder:camvid")
+    assert "None" in study.rows["mdp_learned_unlabelled"][0][1]
+    with pytest.raises(SystemExit):
+        real_study.main(["--study", "multi", "--rows", "mdp_learned_unlabelled", "--work-dir",
+                         str(tmp_path), "--results-dir", str(tmp_path), "--data-root",
+                         str(tmp_path)])
+    monkeypatch.setattr(protocols, "MINE_THRESHOLD", 0.55)
+    flags = protocols.make_study("multi", "folder:camvid").rows["mdp_learned_unlabelled"][0][1]
+    assert flags[flags.index("--mine-threshold") + 1] == "0.55"

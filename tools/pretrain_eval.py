@@ -36,6 +36,7 @@ from datasets import LabelSpace, MultiDataset, build_reader, eval_transform  # n
 from evaluation import evaluate, iou_from_confusion  # noqa: E402
 from losses import downsample_labels  # noqa: E402
 from mdp import MDPNet  # noqa: E402
+from mine import pseudo_labels, threshold_for_precision  # noqa: E402
 from prototypes import prototypes_from_state  # noqa: E402
 
 
@@ -77,7 +78,8 @@ def own_task_classifier(state: dict, dataset: str) -> tuple[OwnTaskClassifier, s
     if method == "pix2pix":
         raise ValueError("a pix2pix checkpoint has neither prototypes nor a classifier")
     model = MDPNet(args["arch"], args["output_stride"], args["embed_dim"],
-                   num_classes=space.num_classes if method in ("ce", "multihead") else 0)
+                   num_classes=space.num_classes if method in ("ce", "multihead") else 0,
+                   embed_norm=args.get("embed_norm", "none"))
     model.load_state_dict(state["model"])
     if method != "mdp":
         return OwnTaskClassifier(model, classes), method
@@ -156,6 +158,17 @@ def embedding_stats(classifier: OwnTaskClassifier, dataset, num_classes: int,
     return out
 
 
+@torch.no_grad()
+def mining_confidence(classifier: OwnTaskClassifier, dataset, tau: float,
+                      max_images: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """M10's view of labelled pixels (up to max_images val images, feature resolution): each
+    pixel's top prototype probability over every filled prototype of every dataset, as mining
+    reads it (mine.pseudo_labels), and whether that top class is the pixel's label. (N,), (N,)."""
+    _, embs, labels = pixel_features(classifier.model, dataset, max_images)  # local labels
+    top, conf = pseudo_labels(embs, classifier.prototypes, classifier.filled, tau, 0.0)
+    return conf, top == classifier.classes[labels]
+
+
 def pixel_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                 y_val: torch.Tensor, num_classes: int, iters: int = 100) -> float:
     """Multinomial logistic regression on frozen pixel features (N, F), standardised with the
@@ -189,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write {'mIoU': ..., 'IoU': {...}} here")
     p.add_argument("--stats", action="store_true",
                    help="also the collapse measures (effective ranks, prototype cosines)")
+    p.add_argument("--mine-precision", type=float, default=None, metavar="P",
+                   help="MDP: also the lowest mining threshold whose pseudo-labels of val pixels "
+                        "are at least P correct (mine.threshold_for_precision)")
     args = p.parse_args(argv)
     state = utils.load_checkpoint(args.ckpt, required=("model", "args", "label_space"))
     if state.get("task") != "pretrain":
@@ -204,6 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.stats:
         res["stats"] = embedding_stats(classifier, val, len(reader.classes))
         print("  " + ", ".join(f"{k} {v:.3f}" for k, v in res["stats"].items()))
+    if args.mine_precision is not None:
+        if method != "mdp":
+            raise SystemExit(f"error: --mine-precision needs an MDP checkpoint, not {method}")
+        conf, correct = mining_confidence(classifier, val, state["args"]["tau"])
+        res["mining"] = {"precision": args.mine_precision, "max_confidence": float(conf.max()),
+                         "threshold": threshold_for_precision(conf, correct, args.mine_precision)}
+        print(f"  mining: top probability at most {res['mining']['max_confidence']:.3f}; "
+              f"threshold for {args.mine_precision:g} correct: {res['mining']['threshold']}")
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
 

@@ -1,0 +1,168 @@
+"""How the multi-set study reads its claims (results/multi/README.md): the protocol's rule (the
+difference of the means against the sum of the two rows' seed stds, then per group of three
+evaluations), its weak mark, and the paired rule of the 2026-12-05 addendum (per-seed
+differences, a 95 % paired t interval). Markdown for the table page; no I/O."""
+from __future__ import annotations
+
+import numpy as np
+
+from protocols import CAMVID_EVALS, MINING, NO_CHANGE, SOURCE_PROBES
+
+# [ours, after seed 1] rounding alone moves a fine-tuning job ~1.6 points (results/multi/README.md)
+FINETUNINGS, WEAK_FINETUNE = CAMVID_EVALS[1:], 3.0
+
+
+def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
+    """Each claim read by the protocol's rule (results/multi/README.md) on the unseen set (the three
+    CamVid evaluations) and on the sources (the three probes): it holds when it holds on at least
+    two of the three and is reversed on none ("changes nothing": within seed noise on all three);
+    reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
+    with an evaluation missing is not read yet; mining that fired at no seed leaves its claim
+    untested. A CamVid verdict is marked weak when it changes once the fine-tunings that differ by
+    under WEAK_FINETUNE points are read as within noise [ours, added with seeds 0-1 in: float
+    rounding alone moves one fine-tuning job about 1.6 points, a probe not at all]."""
+    lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
+             "the group's evaluations), then each evaluation's difference ± the sum of the stds:",
+             "", f"| claim | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
+             f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|"]
+    fired = any(v > 0 for v in mined.values())
+    for claim in dict.fromkeys(c["claim"] for c in checks):
+        cells = []
+        for group in (CAMVID_EVALS, SOURCE_PROBES):
+            got = [c for c in checks if c["claim"] == claim and c["target"] in group]
+            if len(got) < len(group):
+                cells.append("—" if not got else "not read yet")
+                continue
+            verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
+            got.sort(key=lambda c: group.index(c["target"]))
+            counts += ": " + " / ".join(f"{c['diff']:+.1f} ± {c['noise']:.1f}".replace("-", "−")
+                                        for c in got)
+            if claim == MINING and not fired:  # its differences are not mining's
+                cells.append(f"not tested: mining did not fire {counts}")
+                continue
+            robust, _ = group_verdict(claim, [
+                "within" if c["target"] in FINETUNINGS and abs(c["diff"]) < WEAK_FINETUNE
+                else c["verdict"] for c in got])
+            one = " (1 seed)" if any("1 seed" in c["verdict"] for c in got) else ""
+            weak = ", weak" if robust != verdict else ""
+            cells.append(f"{verdict}{one}{weak} {counts}")
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += ["", f"Weak: the verdict changes when the CamVid fine-tunings that differ by under "
+              f"{WEAK_FINETUNE:g} points are read as within noise (float rounding alone moves one "
+              "fine-tuning job by about 1.6 points; see results/multi/README.md)."]
+    if mined:
+        lines += ["", "Mining (M10), `mined_frac` over the last 100 pretraining steps of "
+                  "mdp_unlabelled: " + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined.items())
+                  + ("." if fired else "; mining did not fire at this budget, so the claim "
+                     "\"unlabelled images help\" is not tested here.")]
+    return "\n".join(lines) + "\n"
+
+
+def group_verdict(claim: str, verdicts: list[str]) -> tuple[str, str]:
+    """One group's verdict by the protocol's rule, and its (holds / reversed / within) counts."""
+    n = {v: sum(x.startswith(v) for x in verdicts) for v in ("holds", "reversed", "within")}
+    counts = f"({n['holds']} / {n['reversed']} / {n['within']})"
+    if claim == NO_CHANGE:
+        return ("holds" if n["within"] == len(verdicts) else "does not hold"), counts
+    return ("holds" if n["holds"] >= 2 and not n["reversed"] else "reversed"
+            if n["reversed"] >= 2 and not n["holds"] else "does not hold"), counts
+
+
+# The paired rule [ours, committed 2026-12-05 before seeds 3-4 and the rows added with it; see the
+# protocol's addendum in results/multi/README.md]. Rows that share a seed share its 1/8 subset and
+# every random draw keyed by it, so each claim is read on the per-seed differences: a paired t
+# interval at 95 % (two-sided), t_{0.975} of Student's t with n - 1 degrees of freedom for n seeds.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+def paired_difference(diffs: list[float]) -> dict:
+    """Mean of the per-seed differences and its 95 % paired t interval; verdict: holds when the
+    interval lies above 0, reversed when below, within (level) when it holds 0. One seed: no
+    interval, the sign only, marked."""
+    n, mean = len(diffs), float(np.mean(diffs))
+    if n < 2:
+        return {"n": n, "mean": mean, "half": None,
+                "verdict": ("holds" if mean > 0 else "reversed") + " (1 seed)"}
+    half = T975[n - 1] * float(np.std(diffs, ddof=1)) / np.sqrt(n)
+    verdict = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within"
+    return {"n": n, "mean": mean, "half": half, "verdict": verdict}
+
+
+def paired_checks(runs: dict[str, dict[int, dict]], claims: list, evals: list[str]) -> list[dict]:
+    """Every claim per evaluation by the paired rule, on the seeds both rows have."""
+    checks = []
+    for claim, better, worse, targets, _ in claims:
+        seeds = sorted(set(runs.get(better, {})) & set(runs.get(worse, {})))
+        for t in (t for t in targets if t in evals and seeds):
+            diffs = [runs[better][s][t]["mIoU"] - runs[worse][s][t]["mIoU"] for s in seeds]
+            checks.append({"claim": claim, "target": t, "better": better, "worse": worse,
+                           "seeds": seeds, "diffs": diffs, **paired_difference(diffs)})
+    return checks
+
+
+def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
+    """Each claim by the paired rule, grouped as the protocol's rule groups them (verdicts_markdown):
+    the group's verdict from its evaluations' paired verdicts, then each mean difference with its
+    95 % interval [low, high] and the seeds it rests on."""
+    lines = ["", "Each claim by the paired rule (addendum of 2026-12-05: per seed the difference of "
+             "the two rows, its mean over the seeds and the 95 % paired t interval; holds / "
+             "reversed / level, of the group's evaluations: the group rule of the protocol), then each evaluation's mean "
+             "difference [95 % interval]:", "",
+             f"| claim | seeds | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
+             f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|---|"]
+    fired = any(v > 0 for v in mined.values())
+    for claim in dict.fromkeys(c["claim"] for c in paired):
+        cells, seeds = [], next(c["seeds"] for c in paired if c["claim"] == claim)
+        for group in (CAMVID_EVALS, SOURCE_PROBES):
+            got = sorted((c for c in paired if c["claim"] == claim and c["target"] in group),
+                         key=lambda c: group.index(c["target"]))
+            if len(got) < len(group):
+                cells.append("—" if not got else "not read yet")
+                continue
+            verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
+            one = " (1 seed)" if len(seeds) < 2 else ""
+            diffs = " / ".join(f"{c['mean']:+.1f}" + ("" if c["half"] is None else
+                               f" [{c['mean'] - c['half']:+.1f}, {c['mean'] + c['half']:+.1f}]")
+                               for c in got).replace("-", "−")
+            if claim == MINING and not fired:
+                verdict = "not tested: mining did not fire"
+            cells.append(f"{verdict}{one} {counts}: {diffs}")
+        lines.append(f"| {claim} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# The rows a user chooses between, in the README's table (then whichever repairs have run)
+GLANCE = ["random", "ce", "mdp", "mdp_learned", "mdp_learned_csc_bank", "mdp_learned_unlabelled",
+          "mdp_embed_bn", "mdp_centred"]
+
+
+def glance_markdown(runs: dict[str, dict[int, dict]], labels: dict[str, str]) -> str:
+    """The README's table: per row, mean ± std over its seeds of the three CamVid evaluations and
+    of the mean of the three source probes (per seed); then each row against CE by the paired
+    rule, on the seeds both have: mean difference [95 % interval]."""
+    evals = CAMVID_EVALS + ["sources (mean of 3 probes)"]
+
+    def value(res: dict, e: str) -> float:
+        return (float(np.mean([res[p]["mIoU"] for p in SOURCE_PROBES])) if e == evals[-1]
+                else res[e]["mIoU"])
+    rows = [r for r in GLANCE if r in runs]
+    head = "| {} | seeds | " + " | ".join(evals) + " |"
+    lines = [head.format("pretraining, val mIoU"), "|---|---|" + "---:|" * len(evals)]
+    for r in rows:
+        vals = [[value(runs[r][s], e) for s in sorted(runs[r])] for e in evals]
+        lines.append(f"| {labels[r]} | {len(runs[r])} | " + " | ".join(
+            f"{np.mean(v):.1f} ± {np.std(v):.1f}" for v in vals) + " |")
+    lines += ["", head.format("minus CE, per seed (paired)"), "|---|---|" + "---:|" * len(evals)]
+    for r in (r for r in rows if r != "ce"):
+        seeds = sorted(set(runs[r]) & set(runs.get("ce", {})))
+        if len(seeds) < 2:
+            continue
+        cells = []
+        for e in evals:
+            d = paired_difference([value(runs[r][s], e) - value(runs["ce"][s], e) for s in seeds])
+            cells.append(f"{d['mean']:+.1f} [{d['mean'] - d['half']:+.1f}, "
+                         f"{d['mean'] + d['half']:+.1f}]")
+        lines.append(f"| {labels[r]} | {len(seeds)} | " + " | ".join(cells).replace("-", "−")
+                     + " |")
+    return "\n".join(lines) + "\n"
