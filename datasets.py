@@ -113,8 +113,8 @@ class SegReader(Dataset):
     classes: list[str] = []
 
     def __init__(self, root: str | Path, split: str):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if split not in ("train", "val", "test"):  # test: only where a set has one
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         self.root, self.split = Path(root), split
         self.table = _table(self._raw_to_local())
         self.files = self._list()

@@ -81,6 +81,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", help="default runs/finetune; with --eval-only CKPT_DIR/eval")
     p.add_argument("--resume", help="a fine-tuning checkpoint (last.pth) to continue")
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-split", default="val", choices=["val", "test"],
+                   help="with --eval-only: test scores a split nothing was tuned on (e.g. CamVid's "
+                        "from tools/prepare_data.py); training always evaluates on val")
     p.add_argument("--sliding-window", action=argparse.BooleanOptionalAction,
                    help="MMSeg 'slide' inference (default: whole image)")
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="default: crop size")
@@ -252,6 +255,9 @@ def open_checkpoints(args: argparse.Namespace) -> tuple[str, dict | None]:
     """--resume / --ckpt / --eval-only -> (kind, checkpoint) with the combinations checked."""
     if args.eval_only and args.resume:
         raise ValueError("--eval-only and --resume exclude each other")
+    if args.eval_split != "val" and not args.eval_only:
+        raise ValueError(f"--eval-split {args.eval_split} needs --eval-only: training selects on "
+                         f"val, and a test split must stay out of that")
     if args.resume:  # the whole run comes back; --ckpt only names its initialisation
         kind, state = read_init(args.resume)
         if kind != "finetune":
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_args = ckpt_args if isinstance(ckpt_args, dict) else {}
     resolve_args(args, ckpt_args if restored else None,
                  None if restored else ckpt_args.get("arch"), world)
-    val_reader = build_reader(args.dataset, args.data_root, "val")
+    val_reader = build_reader(args.dataset, args.data_root, args.eval_split)
     names = list(val_reader.classes)
     val_set = MultiDataset([val_reader], eval_transform(tuple(args.base_size)))
 

@@ -4,6 +4,7 @@ ends with one clear line; backbone loading from a pretraining checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,23 @@ def test_eval_only_reproduces_recorded_miou(scratch_run: Path, toy_root: Path) -
     again = json.loads((out / "results.json").read_text())
     assert again["mIoU"] == recorded["mIoU"] and again["IoU"] == recorded["IoU"]
     assert "mIoU" in p.stdout
+
+
+def test_eval_split_test_scores_the_test_folders(scratch_run: Path, toy_root: Path,
+                                                 tmp_path: Path) -> None:
+    """--eval-only --eval-split test reads the split's own folders: a copy of val laid out as test
+    gives the recorded val mIoU; without --eval-only the flag is one error line."""
+    voc = tmp_path / "VOCdevkit"  # the run's dataset; its splits are lists of image ids
+    shutil.copytree(toy_root / "VOCdevkit", voc)
+    lists = voc / "VOC2012" / "ImageSets" / "Segmentation"
+    (lists / "test.txt").write_text((lists / "val.txt").read_text())
+    p = run("--ckpt", str(scratch_run / "last.pth"), "--eval-only", "--eval-split", "test",
+            "--workers", "0", "--out-dir", str(tmp_path / "eval"), root=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recorded = json.loads((scratch_run / "results.json").read_text())
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["mIoU"] == recorded["mIoU"]
+    one_line_error(run("--ckpt", "none", "--dataset", "voc", "--eval-split", "test",
+                       "--out-dir", str(tmp_path / "x"), root=tmp_path), "--eval-only")
 
 
 def test_sigterm_then_resume_equals_uninterrupted(scratch_run: Path, toy_root: Path,
