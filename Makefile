@@ -5,6 +5,9 @@ RUN  := runs/demo
 TOY  := data/toy
 # CPU threads: the two torchrun workers get one each, a single process gets them all
 THREADS ?= 2
+# precision of the demo's runs: auto = bf16 where native (CUDA, avx512_bf16 CPUs), else fp32;
+# `make demo AMP=none` gives the README's fp32 table on any machine
+AMP ?= auto
 
 .PHONY: demo test probe venv clean
 venv: .venv/.installed
@@ -27,9 +30,9 @@ $(TOY)/.written: .venv/.installed datasets.py toy.py
 PRETRAIN_FLAGS := --datasets voc ade20k --data-root $(TOY) --arch resnet14 --output-stride 16 \
 	--crop-size 96 96 --base-size 128 128 --batch-size 4 --iters 100 --optimizer adamw --lr 1e-3 \
 	--weight-decay 1e-4 --schedule cosine --min-lr 1e-5 --warmup-iters 20 --bank-size 128 \
-	--workers 0 --log-interval 10
+	--workers 0 --log-interval 10 --amp $(AMP)
 FINETUNE_FLAGS := --dataset cityscapes --data-root $(TOY) --output-stride 16 --crop-size 64 128 \
-	--base-size 192 96 --batch-size 4 --iters 60 --eval-interval 60 --workers 0
+	--base-size 192 96 --batch-size 4 --iters 60 --eval-interval 60 --workers 0 --amp $(AMP)
 
 demo: $(TOY)/.written
 	@echo "== demo 1/6: MDP pretraining on toy VOC + ADE20K, 2 processes"

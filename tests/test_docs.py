@@ -66,3 +66,14 @@ def test_results_pages_link_inside_the_repository() -> None:
             if not re.match(r"\w+://", link):
                 target = (doc.parent / link).resolve()
                 assert target.is_relative_to(ROOT) and target.exists(), (doc.name, link)
+
+
+def test_readme_results_at_a_glance() -> None:
+    """The README's table is the study runner's glance.md as written (never typed by hand), and
+    every study page under results/ is one link from the README."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- glance: results/multi/glance.md[^>]*-->\n(.*?)<!-- /glance -->",
+                      readme, re.S)
+    assert block and block.group(1) == (ROOT / "results" / "multi" / "glance.md").read_text()
+    for page in ROOT.glob("results/*/README.md"):
+        assert f"]({page.relative_to(ROOT)})" in readme, page
