@@ -465,3 +465,16 @@ def test_g_row_waits_for_its_threshold(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(protocols, "MINE_THRESHOLD", 0.55)
     flags = protocols.make_study("multi", "folder:camvid").rows["mdp_learned_unlabelled"][0][1]
     assert flags[flags.index("--mine-threshold") + 1] == "0.55"
+
+
+def test_readme_glance_replaces_only_its_block(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- glance: results/multi/glance.md, by the runner -->\n| old |\n"
+                      "<!-- /glance -->\nafter\n")
+    real_study.readme_glance(readme, "| new |\n| rows |\n")
+    assert readme.read_text() == ("intro\n<!-- glance: results/multi/glance.md, by the runner -->\n"
+                                  "| new |\n| rows |\n<!-- /glance -->\nafter\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    real_study.readme_glance(plain, "| new |\n")
+    assert plain.read_text() == "no markers\n"
