@@ -313,7 +313,9 @@ def test_unknown_dataset_and_split(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'pascal'.*voc, ade20k, cityscapes, coco_stuff"):
         D.build_reader("pascal", tmp_path, "train")
     voc_layout(tmp_path, {"a": [[0]]})
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ValueError, match="split must be 'train', 'val' or 'test'"):
+        D.build_reader("voc", tmp_path, "testing")
+    with pytest.raises(FileNotFoundError, match="test.txt not found"):  # a set without a test split
         D.build_reader("voc", tmp_path, "test")
 
 

@@ -50,7 +50,7 @@ def test_fixed_anchors_never_move_and_learned_start_there() -> None:
         protos, filled = prototypes_from_state(src.state_dict())
         torch.testing.assert_close(protos, src.prototypes.detach())
         assert filled.all()
-    with pytest.raises(ValueError, match="expected bank, anchors or learned"):
+    with pytest.raises(ValueError, match="expected bank, centred, anchors or learned"):
         build_prototypes("kmeans", 4, 6, 8, 0)
 
 
