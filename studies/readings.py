@@ -107,8 +107,8 @@ def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
     95 % interval [low, high] and the seeds it rests on."""
     lines = ["", "Each claim by the paired rule (addendum of 2026-12-05: per seed the difference of "
              "the two rows, its mean over the seeds and the 95 % paired t interval; holds / "
-             "reversed / level, of the group's evaluations: the group rule of the protocol), then each evaluation's mean "
-             "difference [95 % interval]:", "",
+             "reversed / level, of the group's evaluations: the group rule of the protocol), then "
+             "each evaluation's mean difference [95 % interval]:", "",
              f"| claim | seeds | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
              f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|---|"]
     fired = any(v > 0 for v in mined.values())
