@@ -91,7 +91,7 @@ MULTI_ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
 # the rule `--choose mine` (results/multi/README.md): the lowest threshold whose pseudo-labels are
 # MINE_PRECISION correct on the sources' val, from mdp_learned's first checkpoint here; None until
 # it has run (the runner then refuses mdp_learned_unlabelled)
-MINE_PRECISION, MINE_THRESHOLD = 0.9, None
+MINE_PRECISION, MINE_THRESHOLD = 0.9, 0.667  # --choose mine, 2026-12-05: multi_protocol.json
 MULTI_LABELS = {
     "random": "random weights", "ce": "CE, 39 concatenated classes",
     "ce_label_map": "CE, manual label map (27 classes)", "multihead": "multi-head",
