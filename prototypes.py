@@ -202,8 +202,12 @@ class PrototypeBank(nn.Module):
         # zero, so the full sum over Q is the sum over the filled slots; a class's sum and
         # normalise do not depend on the other classes, so its bits are those of a per-class update
         n_filled = self.count.clamp(min=1, max=Q).unsqueeze(1).to(self.memory.dtype)  # (C, 1)
-        fresh = F.normalize(self.memory.sum(1) / n_filled, dim=1)  # (C, D)
-        self.prototypes.copy_(torch.where(has.unsqueeze(1), fresh, self.prototypes))
+        fresh = F.normalize(self.memory.sum(1) / n_filled, dim=1)  # (C, D), zero rows where empty
+        self._set_prototypes(fresh, has)
+
+    def _set_prototypes(self, two_step: torch.Tensor, touched: torch.Tensor) -> None:
+        """M3: the touched classes' prototypes become their two-step averages (C, D)."""
+        self.prototypes.copy_(torch.where(touched.unsqueeze(1), two_step, self.prototypes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,12 +293,8 @@ class CentredBank(PrototypeBank):
     (cosine 0.75-0.85 on real images); the contrast then pulls every pixel further along it. The
     centred prototypes keep what tells the classes apart and leave the common part out."""
 
-    @torch.no_grad()
-    def write(self, means: torch.Tensor, cls: torch.Tensor,
-              valid: torch.Tensor | None = None) -> None:
-        super().write(means, cls, valid)
-        n = self.count.clamp(min=1, max=self.bank_size).unsqueeze(1).to(self.memory.dtype)
-        two_step = F.normalize(self.memory.sum(1) / n, dim=1)  # (C, D), zero rows where empty
+    def _set_prototypes(self, two_step: torch.Tensor, touched: torch.Tensor) -> None:
+        # every class, touched or not: the common part moves with any class's update
         common = two_step.sum(0) / self.filled.sum().clamp(min=1)  # (D,) mean of the filled rows
         self.prototypes.copy_(torch.where(self.filled.unsqueeze(1),
                                           F.normalize(two_step - common, dim=1), 0.0))
