@@ -120,6 +120,8 @@ MULTI_EVALS: dict[str, tuple[str | None, list[str], float, int]] = {
 SOURCE_PROBES = [f"{s[7:]} probe" for s in SOURCES]
 NO_CHANGE = "a manual label map changes nothing (M1)"
 MINING = "unlabelled images help (M10 mining)"
+MINING_G = "[ours] (g) mining helps learned prototypes"
+MINED_BY = {MINING: "mdp_unlabelled", MINING_G: "mdp_learned_unlabelled"}  # claim -> the row mining
 MULTI_CLAIMS = [
     ("MDP beats CE on the concatenation", "mdp", "ce", list(MULTI_EVALS),
      "COCO: 76.85 vs 68.48 VOC"),
@@ -141,7 +143,7 @@ MULTI_CLAIMS = [
     ("CE beats random weights", "ce", "random", list(MULTI_EVALS), "—"),
     ("[ours] (f) CSC by a bank helps learned prototypes", "mdp_learned_csc_bank", "mdp_learned",
      list(MULTI_EVALS), "76.53 vs 75.37 Cityscapes (CSC)"),
-    ("[ours] (g) mining helps learned prototypes", "mdp_learned_unlabelled", "mdp_learned",
+    (MINING_G, "mdp_learned_unlabelled", "mdp_learned",
      CAMVID_EVALS, "74.74 vs 73.32 VOC (mining)"),
     *[(f"[ours] ({tag}) beats {worse_name}", row, worse, list(MULTI_EVALS), "—")
       for tag, row in (("f", "mdp_learned_csc_bank"), ("g", "mdp_learned_unlabelled"),

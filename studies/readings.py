@@ -6,26 +6,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocols import CAMVID_EVALS, MINING, NO_CHANGE, SOURCE_PROBES
+from protocols import CAMVID_EVALS, MINED_BY, NO_CHANGE, SOURCE_PROBES
 
 # [ours, after seed 1] rounding alone moves a fine-tuning job ~1.6 points (results/multi/README.md)
 FINETUNINGS, WEAK_FINETUNE = CAMVID_EVALS[1:], 3.0
 
 
-def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
+def untested(claim: str, mined: dict[str, dict[int, float]]) -> bool:
+    """A mining claim is not tested when its row mined nothing at any seed (`mined_frac` 0)."""
+    return claim in MINED_BY and not any(v > 0 for v in mined.get(MINED_BY[claim], {}).values())
+
+
+def verdicts_markdown(checks: list[dict], mined: dict[str, dict[int, float]]) -> str:
     """Each claim read by the protocol's rule (results/multi/README.md) on the unseen set (the three
     CamVid evaluations) and on the sources (the three probes): it holds when it holds on at least
     two of the three and is reversed on none ("changes nothing": within seed noise on all three);
     reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
-    with an evaluation missing is not read yet; mining that fired at no seed leaves its claim
-    untested. A CamVid verdict is marked weak when it changes once the fine-tunings that differ by
+    with an evaluation missing is not read yet; a mining claim whose row (`mined`: row -> seed ->
+    mined_frac) mined at no seed is not tested. A CamVid verdict is marked weak when it changes once the fine-tunings that differ by
     under WEAK_FINETUNE points are read as within noise [ours, added with seeds 0-1 in: float
     rounding alone moves one fine-tuning job about 1.6 points, a probe not at all]."""
     lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
              "the group's evaluations), then each evaluation's difference ± the sum of the stds:",
              "", f"| claim | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
              f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|"]
-    fired = any(v > 0 for v in mined.values())
     for claim in dict.fromkeys(c["claim"] for c in checks):
         cells = []
         for group in (CAMVID_EVALS, SOURCE_PROBES):
@@ -37,7 +41,7 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
             got.sort(key=lambda c: group.index(c["target"]))
             counts += ": " + " / ".join(f"{c['diff']:+.1f} ± {c['noise']:.1f}".replace("-", "−")
                                         for c in got)
-            if claim == MINING and not fired:  # its differences are not mining's
+            if untested(claim, mined):  # its differences are not mining's
                 cells.append(f"not tested: mining did not fire {counts}")
                 continue
             robust, _ = group_verdict(claim, [
@@ -50,11 +54,11 @@ def verdicts_markdown(checks: list[dict], mined: dict[int, float]) -> str:
     lines += ["", f"Weak: the verdict changes when the CamVid fine-tunings that differ by under "
               f"{WEAK_FINETUNE:g} points are read as within noise (float rounding alone moves one "
               "fine-tuning job by about 1.6 points; see results/multi/README.md)."]
-    if mined:
-        lines += ["", "Mining (M10), `mined_frac` over the last 100 pretraining steps of "
-                  "mdp_unlabelled: " + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined.items())
-                  + ("." if fired else "; mining did not fire at this budget, so the claim "
-                     "\"unlabelled images help\" is not tested here.")]
+    for claim, row in ((c, r) for c, r in MINED_BY.items() if mined.get(r)):
+        lines += ["", f"Mining (M10), `mined_frac` over the last 100 pretraining steps of {row}: "
+                  + ", ".join(f"seed {s}: {v:.3f}" for s, v in mined[row].items())
+                  + (f"; mining did not fire at this budget, so the claim \"{claim}\" is not "
+                     "tested here." if untested(claim, mined) else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -101,7 +105,7 @@ def paired_checks(runs: dict[str, dict[int, dict]], claims: list, evals: list[st
     return checks
 
 
-def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
+def paired_markdown(paired: list[dict], mined: dict[str, dict[int, float]]) -> str:
     """Each claim by the paired rule, grouped as the protocol's rule groups them (verdicts_markdown):
     the group's verdict from its evaluations' paired verdicts, then each mean difference with its
     95 % interval [low, high] and the seeds it rests on."""
@@ -111,7 +115,6 @@ def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
              "each evaluation's mean difference [95 % interval]:", "",
              f"| claim | seeds | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
              f"{' / '.join(SOURCE_PROBES)} |", "|---|---|---|---|"]
-    fired = any(v > 0 for v in mined.values())
     for claim in dict.fromkeys(c["claim"] for c in paired):
         cells, seeds = [], next(c["seeds"] for c in paired if c["claim"] == claim)
         for group in (CAMVID_EVALS, SOURCE_PROBES):
@@ -125,7 +128,7 @@ def paired_markdown(paired: list[dict], mined: dict[int, float]) -> str:
             diffs = " / ".join(f"{c['mean']:+.1f}" + ("" if c["half"] is None else
                                f" [{c['mean'] - c['half']:+.1f}, {c['mean'] + c['half']:+.1f}]")
                                for c in got).replace("-", "−")
-            if claim == MINING and not fired:
+            if untested(claim, mined):
                 verdict = "not tested: mining did not fire"
             cells.append(f"{verdict}{one} {counts}: {diffs}")
         lines.append(f"| {claim} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
@@ -165,4 +168,30 @@ def glance_markdown(runs: dict[str, dict[int, dict]], labels: dict[str, str]) ->
                          f"{d['mean'] + d['half']:+.1f}]")
         lines.append(f"| {labels[r]} | {len(seeds)} | " + " | ".join(cells).replace("-", "−")
                      + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + repair_lines(runs, labels)) + "\n"
+
+
+def repair_lines(runs: dict[str, dict[int, dict]], labels: dict[str, str]) -> list[str]:
+    """One line per repair [ours] that has run: against CE and against the source's MDP on the
+    three CamVid evaluations, the group's verdict by the paired rule (above / below / level) and
+    each mean difference [95 % interval], on the seeds both rows have."""
+    words = {"holds": "above", "reversed": "below", "does not hold": "level with"}
+    lines = []
+    for r in (r for r in GLANCE[3:] if r in runs):
+        parts = []
+        for base, name in (("ce", "CE"), ("mdp", "the source's MDP")):
+            seeds = sorted(set(runs[r]) & set(runs.get(base, {})))
+            if len(seeds) < 2:
+                parts.append(f"against {name}: {len(seeds)} common seed, not read yet")
+                continue
+            ds = [paired_difference([runs[r][s][e]["mIoU"] - runs[base][s][e]["mIoU"]
+                                     for s in seeds]) for e in CAMVID_EVALS]
+            verdict, _ = group_verdict("", [d["verdict"] for d in ds])
+            parts.append(f"**{words[verdict]} {name}** on CamVid (seeds {', '.join(map(str, seeds))}"
+                         "; " + ", ".join(
+                             f"{e.removeprefix('CamVid ')} {d['mean']:+.1f} [{d['mean'] - d['half']:+.1f}, "
+                             f"{d['mean'] + d['half']:+.1f}]" for e, d in zip(CAMVID_EVALS, ds))
+                         .replace("-", "−") + ")")
+        lines.append(f"- {labels[r]}: " + "; ".join(parts) + ".")
+    return ["", "Each repair [ours] by the paired rule on the three CamVid evaluations (probe, 1/8, "
+            "all: mean difference [95 % interval]):", "", *lines] if lines else []

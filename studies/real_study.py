@@ -59,7 +59,7 @@ from reproduce import (bar_chart, check_claims, claims_markdown,  # noqa: E402
                        merge_records, pretrain, run_once,
                        summarise, write_markdown)
 from protocols import (ARCH, CAMVID_EVALS, DOWNSTREAM, EVALS, FINETUNE,  # noqa: E402
-                       MINE_PRECISION, MULTI_PRETRAIN_ITERS, MULTI_ROWS, OUTPUT_STRIDE,
+                       MINE_PRECISION, MINED_BY, MULTI_PRETRAIN_ITERS, MULTI_ROWS, OUTPUT_STRIDE,
                        PRETRAIN, PROBE_ITERS, SIZE, SOURCE_PROBES, SOURCES, Study, make_study)
 from readings import (T975, glance_markdown, group_verdict, paired_checks,  # noqa: E402,F401
                       paired_difference, paired_markdown, verdicts_markdown)
@@ -411,9 +411,18 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
     text = write_markdown(table, evals, results / f"{name}.md", header, study.labels, "{} mIoU")
     checks = check_claims(table, evals, study.claims)
     text += "\n" + claims_markdown(checks, "real")
-    # mdp_unlabelled's mined_frac per seed: from its log here, else as the committed json kept it
-    mined = {**{int(s): v for s, v in previous.get("mined", {}).items()}, **mined_fractions(work)}
-    mined = {s: mined[s] for s in sorted(mined) if s in runs.get("mdp_unlabelled", {})}
+    # each mining row's mined_frac per seed: from its log here, else as the committed json kept it
+    # (a json from before (g) kept mdp_unlabelled's alone, as seed -> mined_frac)
+    kept_mined = previous.get("mined", {})
+    if any(not isinstance(v, dict) for v in kept_mined.values()):
+        kept_mined = {"mdp_unlabelled": kept_mined}
+    here_mined = mined_fractions(work)
+    mined = {}
+    for row in MINED_BY.values():
+        by_seed = {**{int(s): v for s, v in kept_mined.get(row, {}).items()},
+                   **here_mined.get(row, {})}
+        if by_seed := {s: by_seed[s] for s in sorted(by_seed) if s in runs.get(row, {})}:
+            mined[row] = by_seed
     if study.table == "multi_table":
         text += verdicts_markdown(checks, mined)
         paired = paired_checks(runs, study.claims, evals)
@@ -462,14 +471,16 @@ def placeholders(text: str, args: argparse.Namespace, work: Path) -> str:
     return text.replace(str(work), "RUNS").replace(str(args.data_root), "DATA")
 
 
-def mined_fractions(work: Path) -> dict[int, float]:
-    """seed -> mean `mined_frac` of the last 100 logged pretraining steps of mdp_unlabelled."""
-    fractions = {}
-    for log in sorted(work.glob("mdp_unlabelled/seed*/pretrain0/log.jsonl")):
-        if (log.parent / "done").exists():
-            series = read_log(log).get("mined_frac", [])  # (step, value); a resumed step once
-            last = [v for step, v in series if step > series[-1][0] - 100] if series else []
-            fractions[int(log.parents[1].name[4:])] = float(np.mean(last)) if last else 0.0
+def mined_fractions(work: Path) -> dict[str, dict[int, float]]:
+    """Each mining row -> seed -> mean `mined_frac` of its last 100 logged pretraining steps."""
+    fractions: dict[str, dict[int, float]] = {}
+    for row in MINED_BY.values():
+        for log in sorted(work.glob(f"{row}/seed*/pretrain0/log.jsonl")):
+            if (log.parent / "done").exists():
+                series = read_log(log).get("mined_frac", [])  # (step, value); a resumed step once
+                last = [v for step, v in series if step > series[-1][0] - 100] if series else []
+                seed = int(log.parents[1].name[4:])
+                fractions.setdefault(row, {})[seed] = float(np.mean(last)) if last else 0.0
     return fractions
 
 

@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 import real_study  # noqa: E402
 import protocols  # noqa: E402
+import readings  # noqa: E402
 
 
 def fake_job(work: Path, row: str, seed: int, name: str, miou: float) -> None:
@@ -202,7 +203,7 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
             in data["header"])
     assert (f"6 jobs here, their wall time 0.5 h over 1 jobs (5 not timed) on {cores} CPU cores; "
             "kept from the committed json: 2.0 h over 9 jobs on 2 CPU cores. " in data["header"])
-    assert data["mined"] == {"0": 0.125}
+    assert data["mined"] == {"mdp_unlabelled": {"0": 0.125}}  # the old json's form, converted
     assert "mdp_unlabelled: seed 0: 0.125" in (results / "multi_table.md").read_text()
     assert str(tmp_path) not in (results / "multi_table.md").read_text()
     # a rebuild over a subset of the rows drops none of the others, nor their own task
@@ -215,7 +216,7 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
     assert sorted(data["runs"]) == ["ce", "mdp", "mdp_unlabelled"]
     assert data["runs"]["mdp_unlabelled"]["0"]["msrc_v2 probe"]["mIoU"] == 44.0
     assert data["own_task"]["mdp"]["0"]["folder:msrc_v2"]["mIoU"] == 12.5
-    assert data["mined"] == {"0": 0.125}
+    assert data["mined"] == {"mdp_unlabelled": {"0": 0.125}}
     real_study.main(rows)  # without --own-task: the json keeps the diagnostic, the page omits it
     data = json.loads((results / "multi_table.json").read_text())
     assert data["own_task"]["mdp"]["0"]["folder:msrc_v2"]["mIoU"] == 12.5
@@ -291,7 +292,7 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     def check(claim: str, target: str, verdict: str, diff: float = 5.0) -> dict:
         return dict(claim=claim, target=target, verdict=verdict, diff=diff, noise=1.25)
 
-    def verdicts(checks: list[dict], mined: dict[int, float]) -> str:  # without the differences
+    def verdicts(checks: list[dict], mined: dict[str, dict[int, float]]) -> str:  # without the differences
         return re.sub(r": [−+][^|]*?(?= \|)", "", real_study.verdicts_markdown(checks, mined))
     cam, src = protocols.CAMVID_EVALS, protocols.SOURCE_PROBES
     checks = ([check("A", t, v) for t, v in zip(cam, ["holds", "holds", "within seed noise"])]
@@ -302,7 +303,7 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
               + [check(protocols.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
                                                                    + ["holds"])]
               + [check(protocols.MINING, t, "holds (1 seed)") for t in cam])
-    text = verdicts(checks, {0: 0.0, 1: 0.0})
+    text = verdicts(checks, {"mdp_unlabelled": {0: 0.0, 1: 0.0}})
     assert "| A | holds (2 / 0 / 1) | does not hold (2 / 1 / 0) |" in text
     # weak: a fine-tuning under 3 points read as within noise changes the verdict; a probe never
     weak = [check("W", t, v, d) for t, v, d in zip(cam, ["holds"] * 3, [4.0, 2.9, 1.0])]
@@ -321,7 +322,16 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     assert "mining did not fire at this budget" in text
     assert f"| {protocols.MINING} | not tested: mining did not fire (3 / 0 / 0) | — |" in text
     assert f"| {protocols.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(
-        checks, {0: 0.0, 1: 0.01})  # fired at one seed: read by the rule
+        checks, {"mdp_unlabelled": {0: 0.0, 1: 0.01}})  # fired at one seed: read by the rule
+    # (g)'s claim is read on (g)'s own mining, not on mdp_unlabelled's
+    g = [check(protocols.MINING_G, t, "holds (1 seed)") for t in cam]
+    both = {"mdp_unlabelled": {0: 0.5}, "mdp_learned_unlabelled": {0: 0.0}}
+    assert f"| {protocols.MINING_G} | not tested: mining did not fire (3 / 0 / 0) | — |" in verdicts(
+        checks + g, both)
+    assert f"| {protocols.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(checks + g, both)
+    assert "mdp_learned_unlabelled: seed 0: 0.000; mining did not fire" in verdicts(g, both)
+    assert f"| {protocols.MINING_G} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(
+        g, {"mdp_learned_unlabelled": {0: 0.2}})
     # each evaluation's difference ± noise, in the group's order whatever the checks' order
     assert ("| R | reversed, weak (0 / 3 / 0): " + " / ".join(["−2.0 ± 1.2"] * 3) + " | — |"
             in real_study.verdicts_markdown(weak, {}))
@@ -336,8 +346,14 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     with open(tmp_path / "mdp_unlabelled" / "seed0" / "pretrain0" / "log.jsonl", "a") as log:
         log.write(json.dumps({"step": 200, "mined_frac": 0.3}) + "\n")  # resumed: step 200 again
     (tmp_path / "mdp_unlabelled" / "seed0" / "pretrain0" / "done").write_text("abc\n")
+    g_run = tmp_path / "mdp_learned_unlabelled" / "seed2" / "pretrain0"  # (g), a row of its own
+    g_run.mkdir(parents=True)
+    (g_run / "log.jsonl").write_text(json.dumps({"step": 10, "mined_frac": 0.75}) + "\n")
+    (g_run / "done").write_text("abc\n")
     got = real_study.mined_fractions(tmp_path)  # seed 0: steps 150 and 200 are within 100 of 200
-    assert got.keys() == {0} and abs(got[0] - 0.25) < 1e-12
+    assert got.keys() == {"mdp_unlabelled", "mdp_learned_unlabelled"}
+    assert got["mdp_unlabelled"].keys() == {0} and abs(got["mdp_unlabelled"][0] - 0.25) < 1e-12
+    assert got["mdp_learned_unlabelled"] == {2: 0.75}
     assert "seed 0: 0.250." in real_study.verdicts_markdown(checks, got)
 
 
@@ -419,6 +435,33 @@ def test_paired_rule_by_hand() -> None:
     assert ("| a beats b | 0, 1, 2 | holds (3 / 0 / 0): " + " / ".join(["+1.5 [+0.3, +2.7]"] * 3)
             + " | — |") in text
     assert "| b beats a | 0, 1, 2 | reversed (0 / 3 / 0): " in text
+
+
+def test_repair_lines_by_hand() -> None:
+    """The README's line per repair: against CE and the source's MDP, the group verdict of the
+    three CamVid evaluations by the paired rule and each mean [interval] on the common seeds; a
+    repair with one common seed is not read; rows that are not repairs get no line."""
+    evals = protocols.CAMVID_EVALS
+
+    def row(values: dict[int, list[float]]) -> dict[int, dict]:
+        return {s: {e: {"mIoU": v} for e, v in zip(evals, vs)} for s, vs in values.items()}
+    # (f) - CE: probe [2, 1, 1.5] (mean 1.5, sd 0.5, half 4.303 * 0.5 / sqrt 3 = 1.242) holds,
+    # 1/8 and all [1, -1, 0]: level -> the group (1 holds, 0 reversed) is level;
+    # (f) - MDP: [3, 2, 4] on all three (mean 3, half 2.484) holds everywhere -> above
+    runs = {"ce": row({0: [30, 30, 30], 1: [30, 30, 30], 2: [30, 30, 30]}),
+            "mdp": row({0: [29, 28, 28], 1: [29, 27, 27], 2: [27.5, 26, 26]}),
+            "mdp_learned_csc_bank": row({0: [32, 31, 31], 1: [31, 29, 29], 2: [31.5, 30, 30]}),
+            "mdp_centred": row({2: [40, 40, 40], 7: [40, 40, 40]}),
+            "random": row({0: [1, 1, 1], 1: [1, 1, 1]})}
+    got = readings.repair_lines(runs, protocols.MULTI_LABELS)
+    lines = [line for line in got if line.startswith("- ")]
+    assert lines == [
+        f"- {protocols.MULTI_LABELS['mdp_learned_csc_bank']}: **level with CE** on CamVid (seeds "
+        "0, 1, 2; probe +1.5 [+0.3, +2.7], 1/8 +0.0 [−2.5, +2.5], all +0.0 [−2.5, +2.5]); "
+        "**above the source's MDP** on CamVid (seeds 0, 1, 2; probe +3.0 [+0.5, +5.5], 1/8 "
+        "+3.0 [+0.5, +5.5], all +3.0 [+0.5, +5.5]).",
+        f"- {protocols.MULTI_LABELS['mdp_centred']}: against CE: 1 common seed, not read yet; "
+        "against the source's MDP: 1 common seed, not read yet."]
 
 
 @pytest.mark.parametrize("confs, oks, chosen", [
