@@ -12,7 +12,6 @@ CLI:  python mdp.py export --ckpt runs/x/checkpoint.pth --out resnet50_mdp.pth
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -217,11 +216,8 @@ def export_backbone(ckpt: str | Path, out: str | Path, fmt: str = "torchvision")
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if fmt == "torchvision":
         atomic_save(sd, out)
-    else:  # a plain pickle, not torch.save's zip: temp file + rename as in utils.atomic_save
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(pickle.dumps(detectron2_checkpoint(sd)))
-        os.replace(tmp, out)
+    else:  # a plain pickle, not torch.save's zip
+        atomic_save(detectron2_checkpoint(sd), out, dump=pickle.dump)
     return len(sd)
 
 

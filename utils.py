@@ -173,7 +173,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except (ValueError, FileNotFoundError, NotADirectoryError, WriteError) as e:
-        say_error(e.args[0] if e.args else repr(e))
+        if isinstance(e, OSError) and e.strerror:  # the OS's own: args are (errno, words)
+            say_error(f"{e.filename}: {e.strerror}" if e.filename else e.strerror)
+        else:
+            say_error(e.args[0] if e.args else repr(e))
         cleanup_distributed()
         sys.exit(2)
 
@@ -345,15 +348,15 @@ def make_dir(path: str | Path) -> Path:
     return path
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file, then rename: `path` is always the old file or the new one. A
-    failed write (disk full, no permission) removes the temp file and raises WriteError naming
-    `path` and the cause."""
+def atomic_save(obj: Any, path: str | Path, dump: Callable[[Any, Any], None] | None = None) -> None:
+    """`dump(obj, file)` (torch.save unless given, e.g. pickle.dump) to a temp file, then rename:
+    `path` is always the old file or the new one. A failed write (disk full, no permission)
+    removes the temp file and raises WriteError naming `path` and the cause."""
     path = Path(path)
     tmp = make_dir(path.parent) / f".{path.name}.tmp"
     try:
         with open(tmp, "wb") as f:  # a Python file: its OSError names the cause (write_cause)
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename; NFS / quota errors show up here
         os.replace(tmp, path)
@@ -396,15 +399,27 @@ def save_config(args: Any, out_dir: str | Path) -> None:
 
 class JsonlLogger:
     """One JSON object per line; rank 0 only, flushed so a crash loses nothing. A resumed run
-    appends to its log; a fresh run in the same folder starts a new one."""
+    appends to its log; a fresh run in the same folder starts a new one. A log that cannot be
+    opened ends every rank (write_on_rank0); one that fails later (disk full) ends rank 0 with
+    a WriteError, and torchrun the others."""
 
     def __init__(self, path: str | Path, append: bool = False):
-        self.file = open(path, "a" if append else "w") if is_main() else None
+        self.path, self.file = Path(path), None
+
+        def open_log() -> None:
+            try:
+                self.file = open(self.path, "a" if append else "w")
+            except OSError as e:
+                raise WriteError(f"cannot write {self.path}: {write_cause(e)}") from None
+        write_on_rank0(open_log)
 
     def log(self, **fields: Any) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(fields) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(fields) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise WriteError(f"cannot write {self.path}: {write_cause(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------

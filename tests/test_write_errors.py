@@ -125,6 +125,60 @@ def test_folder_in_the_way(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "file").read_text() == "x"
 
 
+def cli_error(fn: Callable[[], object], capsys) -> str:
+    """`fn` under run_cli, as a script runs it: must exit 2; returns stderr."""
+    with pytest.raises(SystemExit) as e:
+        utils.run_cli(fn)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_log_that_cannot_be_written(tmp_path: Path, capsys) -> None:
+    """The training log: a folder where it should be, then a disk that fills mid-run (files of
+    this process stop at 4 kB, for real)."""
+    (tmp_path / "log.jsonl").mkdir()
+    one_error_line(cli_error(lambda: utils.JsonlLogger(tmp_path / "log.jsonl"), capsys),
+                   f"cannot write {tmp_path / 'log.jsonl'}", os.strerror(errno.EISDIR))
+    logger = utils.JsonlLogger(tmp_path / "ok.jsonl")
+    logger.log(step=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        err = cli_error(lambda: [logger.log(step=k, pad="x" * 100) for k in range(100)], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    one_error_line(err, str(tmp_path / "ok.jsonl"), os.strerror(errno.EFBIG))
+    assert json.loads((tmp_path / "ok.jsonl").read_text().splitlines()[0]) == {"step": 1}
+
+
+def test_detectron2_export_that_fails_keeps_the_previous(tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    import pickle
+
+    from mdp import MDPNet
+    from mdp import main as mdp_main
+    ckpt, out = tmp_path / "ckpt.pth", tmp_path / "bb.pkl"
+    torch.save({"model": MDPNet("resnet14", embed_dim=8).state_dict(),
+                "args": {"arch": "resnet14"}}, ckpt)
+    out.write_bytes(b"the previous export")
+
+    def half_dump(obj, f) -> None:
+        f.write(pickle.dumps(obj)[:1000])
+        raise OSError(errno.ENOSPC, ENOSPC)
+    monkeypatch.setattr(pickle, "dump", half_dump)
+    err = cli_error(lambda: mdp_main(["export", "--ckpt", str(ckpt), "--out", str(out),
+                                      "--format", "detectron2"]), capsys)
+    one_error_line(err, str(out), ENOSPC)
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bb.pkl", "ckpt.pth"]  # no temp file
+
+
+def test_os_error_is_one_line_in_words(tmp_path: Path, capsys) -> None:
+    """An OSError raised by the OS (args: errno, words) reads as its file and words, not a number."""
+    one_error_line(cli_error(lambda: open(tmp_path / "missing.txt"), capsys),
+                   f"error: {tmp_path / 'missing.txt'}: {os.strerror(errno.ENOENT)}")
+
+
 def _ddp_worker(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
