@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import real_diagnosis  # noqa: E402
 import real_study  # noqa: E402
 import protocols  # noqa: E402
 import utils  # noqa: E402
-from reproduce import git_commit, job_commits, job_record, pretrain  # noqa: E402
+from reproduce import pretrain, provenance  # noqa: E402
 
 # row -> (pretraining flags on top of the real study's, the candidate it tests)
 ROWS: dict[str, tuple[list[str], str]] = {
@@ -129,13 +128,10 @@ def curve_cell(by_seed: dict[int, dict]) -> str:
 def write_table(runs: dict[str, dict[int, dict]], args: argparse.Namespace) -> None:
     if not runs:
         raise SystemExit("error: no finished row yet")
-    command = shlex.join(["python", "studies/m4_mechanism.py",
-                          *[a for a in sys.argv[1:] if a != "--table-only"]])
-    command = command.replace(str(args.data_root), "DATA").replace(str(args.work_dir), "RUNS")
+    made = provenance("studies/m4_mechanism.py", [a for a in sys.argv[1:] if a != "--table-only"],
+                      args.work_dir, args.data_root)
     seeds = sorted({s for by in runs.values() for s in by})
-    jobs = list(args.work_dir.rglob("done"))
-    lines = [f"M4 mechanism study on CamVid: `{command}`, table built at commit {git_commit()}, "
-             f"jobs run at {job_commits(job_record(jobs))}. Seeds {seeds}; every row is the real "
+    lines = [f"M4 mechanism study on CamVid: {made}. Seeds {seeds}; every row is the real "
              f"study's pretraining protocol (resnet14, output stride 16, 96×128 crops, 300 steps, "
              f"AdamW 1e-3, bank 64, τ 0.07) with one change, evaluated at the study's protocol "
              f"(output stride 16). Cells: mean ± std over seeds (per-seed values). Measures as in "

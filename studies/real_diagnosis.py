@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import protocols  # noqa: E402
 import utils  # noqa: E402
 from datasets import RAW_IGNORE, MultiDataset, build_reader, eval_transform  # noqa: E402
 from mdp import MDPNet  # noqa: E402
-from reproduce import git_commit, job_commits, job_record, pretrain  # noqa: E402
+from reproduce import pretrain, provenance  # noqa: E402
 
 # row -> (pretraining flags on top of the study's, what changed); None: the untrained network
 ROWS: dict[str, tuple[list[str] | None, str]] = {
@@ -200,11 +199,8 @@ def main(argv: list[str] | None = None) -> None:
 def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     def cell(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
-    command = shlex.join(["python", "studies/real_diagnosis.py", *sys.argv[1:]]).replace(
-        str(args.work_dir), "RUNS").replace(str(args.data_root), "DATA")  # no machine's paths
-    jobs = list(args.work_dir.rglob("done"))
-    lines = [f"MDP diagnosis on CamVid: `{command}`, table built at commit {git_commit()}, "
-             f"jobs run at {job_commits(job_record(jobs))}. Seed {args.seed} only; every row is "
+    made = provenance("studies/real_diagnosis.py", sys.argv[1:], args.work_dir, args.data_root)
+    lines = [f"MDP diagnosis on CamVid: {made}. Seed {args.seed} only; every row is "
              f"the real study's protocol (results/camvid/real_table.md) with one change; rows marked post "
              f"hoc were added after the others had run. Measured at feature resolution "
              f"(labelled pixels, whole images at the base scale): own task on all of val; the "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -163,6 +164,15 @@ def merge_records(records: list[dict]) -> dict:
         merged["seconds"] += rec["seconds"]
         merged["untimed"] += rec["untimed"]
     return merged
+
+
+def provenance(script: str, argv: list[str], work: Path, data_root: str | Path) -> str:
+    """'`python SCRIPT ARGV`, table built at commit X, jobs run at Y (n jobs)' for a table's
+    header; the work dir and the data root read RUNS and DATA (no machine's paths)."""
+    command = shlex.join(["python", script, *argv]).replace(str(work), "RUNS").replace(
+        str(data_root), "DATA")
+    return (f"`{command}`, table built at commit {git_commit()}, jobs run at "
+            f"{job_commits(job_record(list(Path(work).rglob('done'))))}")
 
 
 def job_commits(record: dict) -> str:
