@@ -427,7 +427,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
         text += verdicts_markdown(checks, mined)
         paired = paired_checks(runs, study.claims, evals)
         text += paired_markdown(paired, mined)
-        if set(CAMVID_EVALS + SOURCE_PROBES) <= set(evals):  # the README's table, at a glance
+        # the README's table, at a glance: of the study's own table only (not _itersN, _quick)
+        if name == study.table and set(CAMVID_EVALS + SOURCE_PROBES) <= set(evals):
             glance = glance_markdown(runs, study.labels)
             (results / "glance.md").write_text(glance)
             if results.resolve() == (ROOT / "results" / study.folder).resolve():

@@ -205,6 +205,12 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
             "kept from the committed json: 2.0 h over 9 jobs on 2 CPU cores. " in data["header"])
     assert data["mined"] == {"mdp_unlabelled": {"0": 0.125}}  # the old json's form, converted
     assert "mdp_unlabelled: seed 0: 0.125" in (results / "multi_table.md").read_text()
+    # the README's glance comes from the study's own table only, never a diagnostic budget's
+    assert (results / "glance.md").is_file()
+    (results / "glance.md").unlink()
+    real_study.main(rows + ["--pretrain-iters", "100"])
+    assert (results / "multi_table_iters100.md").is_file()
+    assert not (results / "glance.md").exists()
     assert str(tmp_path) not in (results / "multi_table.md").read_text()
     # a rebuild over a subset of the rows drops none of the others, nor their own task
     stats = dict.fromkeys(["backbone_effective_rank", "embedding_effective_rank",
