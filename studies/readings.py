@@ -195,3 +195,37 @@ def repair_lines(runs: dict[str, dict[int, dict]], labels: dict[str, str]) -> li
         lines.append(f"- {labels[r]}: " + "; ".join(parts) + ".")
     return ["", "Each repair [ours] by the paired rule on the three CamVid evaluations (probe, 1/8, "
             "all: mean difference [95 % interval]):", "", *lines] if lines else []
+
+
+def scale_markdown(base: dict[str, dict[int, dict]], scaled: dict[str, dict[int, dict]],
+                   base_steps: int, scaled_steps: int, labels: dict[str, str]) -> str:
+    """The scale step (results/multi/README.md, addendum 2026-12-05): per seed s and CamVid
+    evaluation e, the gap g = row - CE at each budget and its change g(scaled) - g(base) on the
+    same seed. A row gains on CE when the change is above zero at every seed on at least two of
+    the three evaluations and below zero at every seed on none (for a row below CE: the gap
+    narrows); loses to CE the other way round; else unchanged at these seeds."""
+    lines = ["", f"The scale step: each row's gap to CE on CamVid at {base_steps} and "
+             f"{scaled_steps} pretraining steps, per seed (gap at {base_steps} → gap at "
+             f"{scaled_steps}), and the direction by the addendum's rule:", "",
+             f"| row | seeds | {' | '.join(CAMVID_EVALS)} | with more steps, the row |",
+             "|---|---|" + "---|" * len(CAMVID_EVALS) + "---|"]
+    for r in (r for r in scaled if r != "ce"):
+        seeds = sorted(set(scaled[r]) & set(scaled.get("ce", {})) & set(base.get(r, {}))
+                       & set(base.get("ce", {})))
+        if not seeds:
+            continue
+
+        def gap(runs: dict, s: int, e: str) -> float:
+            return runs[r][s][e]["mIoU"] - runs["ce"][s][e]["mIoU"]
+        cells, up, down = [], 0, 0
+        for e in CAMVID_EVALS:
+            change = [gap(scaled, s, e) - gap(base, s, e) for s in seeds]
+            up += all(c > 0 for c in change)
+            down += all(c < 0 for c in change)
+            cells.append(", ".join(f"{gap(base, s, e):+.1f} → {gap(scaled, s, e):+.1f}"
+                                   for s in seeds).replace("-", "−"))
+        verdict = ("gains on CE" if up >= 2 and not down else "loses to CE"
+                   if down >= 2 and not up else "unchanged at these seeds")
+        lines.append(f"| {labels[r]} | {', '.join(map(str, seeds))} | " + " | ".join(cells)
+                     + f" | {verdict} ({up} / {down} / {len(CAMVID_EVALS) - up - down}) |")
+    return "\n".join(lines) + "\n"

@@ -62,7 +62,7 @@ from protocols import (ARCH, CAMVID_EVALS, DOWNSTREAM, EVALS, FINETUNE,  # noqa:
                        MINE_PRECISION, MINED_BY, MULTI_PRETRAIN_ITERS, MULTI_ROWS, OUTPUT_STRIDE,
                        PRETRAIN, PROBE_ITERS, SIZE, SOURCE_PROBES, SOURCES, Study, make_study)
 from readings import (T975, glance_markdown, group_verdict, paired_checks,  # noqa: E402,F401
-                      paired_difference, paired_markdown, verdicts_markdown)
+                      paired_difference, paired_markdown, scale_markdown, verdicts_markdown)
 
 
 
@@ -427,6 +427,9 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
         text += verdicts_markdown(checks, mined)
         paired = paired_checks(runs, study.claims, evals)
         text += paired_markdown(paired, mined)
+        if name != study.table and not args.quick:  # the scale step: against the study's budget
+            text += scale_markdown(previous_runs(results / f"{study.table}.json"), runs,
+                                   study.pretrain_iters, args.pretrain_iters, study.labels)
         # the README's table, at a glance: of the study's own table only (not _itersN, _quick)
         if name == study.table and set(CAMVID_EVALS + SOURCE_PROBES) <= set(evals):
             glance = glance_markdown(runs, study.labels)

@@ -443,6 +443,29 @@ def test_paired_rule_by_hand() -> None:
     assert "| b beats a | 0, 1, 2 | reversed (0 / 3 / 0): " in text
 
 
+def test_scale_step_reading_by_hand() -> None:
+    """The scale step's rule: per seed the gap row - CE at each budget; a row gains on CE when the
+    gap's change is above zero at both seeds on two of three CamVid evaluations and below at both
+    on none; loses the other way; a row without both budgets' seeds gets no line."""
+    evals = protocols.CAMVID_EVALS
+
+    def row(values: dict[int, list[float]]) -> dict[int, dict]:
+        return {s: {e: {"mIoU": v} for e, v in zip(evals, vs)} for s, vs in values.items()}
+    ce = row({0: [30, 30, 30], 1: [30, 30, 30]})
+    base = {"ce": ce, "mdp": row({0: [26, 29, 28], 1: [28, 29, 28]}),
+            "mdp_learned": row({0: [32, 31, 32], 1: [33, 31, 31]})}
+    # MDP's changes: probe +3, +1; 1/8 -1, +1; all +1, +0.5 -> (2 / 0 / 1): gains on CE.
+    # learned's: probe -1, -2; 1/8 -1, -0.5; all +1, -1 -> (0 / 2 / 1): loses to CE
+    scaled = {"ce": ce, "mdp": row({0: [29, 28, 29], 1: [29, 30, 28.5]}),
+              "mdp_learned": row({0: [31, 30, 33], 1: [31, 30.5, 30]}),
+              "mdp_centred": row({0: [40, 40, 40]})}
+    text = readings.scale_markdown(base, scaled, 2400, 9600, protocols.MULTI_LABELS)
+    assert ("| MDP | 0, 1 | −4.0 → −1.0, −2.0 → −1.0 | −1.0 → −2.0, −1.0 → +0.0 | "
+            "−2.0 → −1.0, −2.0 → −1.5 | gains on CE (2 / 0 / 1) |") in text
+    assert "| MDP, learned prototypes [ours] | 0, 1 | " in text
+    assert text.rstrip().endswith("| loses to CE (0 / 2 / 1) |")
+    assert protocols.MULTI_LABELS["mdp_centred"] not in text
+
 def test_repair_lines_by_hand() -> None:
     """The README's line per repair: against CE and the source's MDP, the group verdict of the
     three CamVid evaluations by the paired rule and each mean [interval] on the common seeds; a
