@@ -1,12 +1,13 @@
-"""Data layer of MDP: dataset readers, the concatenated label space (M1), augmentation (M9) and sampling.
+"""Data layer of MDP: readers, the concatenated label space (M1), augmentation (M9), sampling.
 
 Readers read the layouts of MMSegmentation's dataset-preparation guide and return a PIL image and a
 uint8 label in the dataset's own train-id space (0..K_d-1, 255 = ignore). `LabelSpace` concatenates
-the label spaces without any manual mapping (M1): global id = o_d + l, ignore -> IGNORE = -1 (int64);
-only the `--label-map` ablation (label_map.py) merges or drops classes.
+the label spaces without any manual mapping (M1): global id = o_d + l, ignore -> IGNORE = -1
+(int64); only the `--label-map` ablation (label_map.py) merges or drops classes.
 `train_transform` / `eval_transform` are the MMSegmentation-style pipelines of M9 on
 (tv_tensors.Image, tv_tensors.Mask). `DatasetMixSampler` orders the samples (optionally weighted per
-dataset) and shards them over DDP ranks. toy.py writes toy data in the real layouts for these readers.
+dataset) and shards them over DDP ranks.
+toy.py writes toy data in the real layouts for these readers.
 
     python datasets.py info --datasets voc ade20k --data-root data/toy
 """
@@ -32,55 +33,59 @@ RAW_IGNORE = 255  # readers' local ignore value (uint8)
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, 0..1 scale
 STD = (0.229, 0.224, 0.225)
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor"]
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor"]
 ADE20K_CLASSES = [
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
+    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
+    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
+    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
     "clock", "flag"]
-CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                      "motorcycle", "bicycle"]
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                      "truck", "bus", "train", "motorcycle", "bicycle"]
 COCO_STUFF_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge", "building-other",
-    "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes",
-    "clouds", "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble",
-    "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog", "food-other", "fruit",
-    "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves", "light", "mat", "metal",
-    "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other",
-    "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
-    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone",
-    "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick",
-    "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other",
-    "waterdrops", "window-blind", "window-other", "wood"]
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge",
+    "building-other", "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other",
+    "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
+    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel",
+    "ground-other", "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss",
+    "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other", "plastic",
+    "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs",
+    "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
+    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood"]
 # Official cityscapesScripts labels.py: labelId -> trainId (everything not listed is 255).
-CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                            24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                            23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
-# ---------------------------------------------------------------------------------------------- readers
+# ------------------------------------------------------------------------------------------ readers
 def _table(raw_to_local: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(256,) uint8 raw->local lookup and (256,) bool legal raw values; raw 255 is always ignore."""
     lut, valid = np.full(256, RAW_IGNORE, np.uint8), np.zeros(256, bool)
@@ -90,9 +95,11 @@ def _table(raw_to_local: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return lut, valid
 
 
-def _pairs(img_dir: Path, lbl_dir: Path, img_suffixes: tuple[str, ...], lbl_suffixes: tuple[str, ...],
-           layout: str, pattern: str = "*") -> list[tuple[Path, Path]]:
-    """Images under img_dir (glob pattern + suffix) paired with the first existing label candidate."""
+def _pairs(img_dir: Path, lbl_dir: Path, img_suffixes: tuple[str, ...],
+           lbl_suffixes: tuple[str, ...], layout: str, pattern: str = "*"
+           ) -> list[tuple[Path, Path]]:
+    """Images under img_dir (glob pattern + suffix) paired with the first existing label
+    candidate."""
     for d in (img_dir, lbl_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"{d} not found: expected the {layout} layout")
@@ -108,7 +115,8 @@ def _pairs(img_dir: Path, lbl_dir: Path, img_suffixes: tuple[str, ...], lbl_suff
 
 
 class SegReader(Dataset):
-    """Base reader: `files` [(image, label)] listed at construction, every item validated when read."""
+    """Base reader: `files` [(image, label)] listed at construction, every item validated when
+    read."""
     name: str = ""
     classes: list[str] = []
 
@@ -138,10 +146,12 @@ class SegReader(Dataset):
         image = _open(img_path).convert("RGB")
         lbl = _open(lbl_path)
         if lbl.mode not in ("P", "L"):
-            raise ValueError(f"{lbl_path}: expected a palette or grayscale label PNG, got mode {lbl.mode}")
+            raise ValueError(f"{lbl_path}: expected a palette or grayscale label PNG, "
+                             f"got mode {lbl.mode}")
         raw = np.asarray(lbl)  # (H, W) uint8; palette PNGs give their indices
         if raw.shape != (image.height, image.width):
-            raise ValueError(f"{lbl_path}: label size {raw.shape[::-1]} != image size {image.size} of {img_path}")
+            raise ValueError(f"{lbl_path}: label size {raw.shape[::-1]} != image size "
+                             f"{image.size} of {img_path}")
         lut, valid = self._table_for(lbl_path)
         bad = raw[~valid[raw]]
         if bad.size:
@@ -163,7 +173,8 @@ def _open(path: Path) -> Image.Image:
 
 
 class VOCReader(SegReader):
-    """VOCdevkit/VOC2012; train uses SegmentationClassAug + trainaug.txt when both exist (SBD aug)."""
+    """VOCdevkit/VOC2012; train uses SegmentationClassAug + trainaug.txt when both exist
+    (SBD aug)."""
     name, classes = "voc", VOC_CLASSES
 
     def _list(self):
@@ -175,13 +186,16 @@ class VOCReader(SegReader):
                and (sets / "trainaug.txt").is_file())
         list_file = sets / ("trainaug.txt" if aug else f"{self.split}.txt")
         if not list_file.is_file():
-            raise FileNotFoundError(f"{list_file} not found: expected the split list of the {layout}")
+            raise FileNotFoundError(f"{list_file} not found: expected the split list of the "
+                                    f"{layout}")
         labels = self.root / ("SegmentationClassAug" if aug else "SegmentationClass")
-        return [(self.root / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in list_file.read_text().split()]
+        return [(self.root / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png")
+                for i in list_file.read_text().split()]
 
 
 class ADE20KReader(SegReader):
-    """ADEChallengeData2016: raw 0 ("other") -> 255, classes 1..150 -> 0..149 (MMSeg reduce_zero_label)."""
+    """ADEChallengeData2016: raw 0 ("other") -> 255, classes 1..150 -> 0..149
+    (MMSeg reduce_zero_label)."""
     name, classes = "ade20k", ADE20K_CLASSES
 
     def _raw_to_local(self):
@@ -189,19 +203,20 @@ class ADE20KReader(SegReader):
 
     def _list(self):
         sub = {"train": "training", "val": "validation"}[self.split]
-        return _pairs(self.root / "images" / sub, self.root / "annotations" / sub, (".jpg",), (".png",),
-                      "ADEChallengeData2016/{images,annotations}/{training,validation}")
+        return _pairs(self.root / "images" / sub, self.root / "annotations" / sub, (".jpg",),
+                      (".png",), "ADEChallengeData2016/{images,annotations}/{training,validation}")
 
 
 class CityscapesReader(SegReader):
-    """cityscapes/{leftImg8bit,gtFine}/{split}/{city}; *_labelTrainIds.png, else *_labelIds.png mapped to trainIds."""
+    """cityscapes/{leftImg8bit,gtFine}/{split}/{city}; *_labelTrainIds.png, else *_labelIds.png
+    mapped to trainIds."""
     name, classes = "cityscapes", CITYSCAPES_CLASSES
     # labelIds 0..33 (license plate, -1, reads as 255 = ignore)
     ID_TABLE = _table({i: CITYSCAPES_ID_TO_TRAINID.get(i, RAW_IGNORE) for i in range(34)})
 
     def _list(self):
-        return _pairs(self.root / "leftImg8bit" / self.split, self.root / "gtFine" / self.split, ("_leftImg8bit.png",),
-                      ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"),
+        return _pairs(self.root / "leftImg8bit" / self.split, self.root / "gtFine" / self.split,
+                      ("_leftImg8bit.png",), ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"),
                       "cityscapes/{leftImg8bit,gtFine}/{split}/{city}", pattern="*/*")
 
     def _table_for(self, lbl_path):
@@ -209,17 +224,20 @@ class CityscapesReader(SegReader):
 
 
 class COCOStuffReader(SegReader):
-    """coco_stuff164k/{images,annotations}/{train2017,val2017} with 171-class *_labelTrainIds.png."""
+    """coco_stuff164k/{images,annotations}/{train2017,val2017} with 171-class
+    *_labelTrainIds.png."""
     name, classes = "coco_stuff", COCO_STUFF_CLASSES
 
     def _list(self):
         sub = f"{self.split}2017"
-        return _pairs(self.root / "images" / sub, self.root / "annotations" / sub, (".jpg",), ("_labelTrainIds.png",),
+        return _pairs(self.root / "images" / sub, self.root / "annotations" / sub, (".jpg",),
+                      ("_labelTrainIds.png",),
                       "coco_stuff164k/{images,annotations}/{train2017,val2017}")
 
 
 class FolderReader(SegReader):
-    """Any dataset as images/{split}/*.jpg|png + masks/{split}/<same stem>.png + classes.txt (one name a line)."""
+    """Any dataset as images/{split}/*.jpg|png + masks/{split}/<same stem>.png + classes.txt
+    (one name a line)."""
 
     def __init__(self, root, split):
         root = Path(root)
@@ -227,18 +245,23 @@ class FolderReader(SegReader):
         if not (root / "classes.txt").is_file():
             raise FileNotFoundError(f"{root / 'classes.txt'} not found: expected the folder layout "
                                     "(images/{split}, masks/{split}, classes.txt)")
-        self.classes = [c.strip() for c in (root / "classes.txt").read_text().splitlines() if c.strip()]
+        self.classes = [c.strip() for c in (root / "classes.txt").read_text().splitlines()
+                        if c.strip()]
         if not 0 < len(self.classes) < 256:  # uint8 masks: ids 0..254, 255 = ignore
-            raise ValueError(f"{root / 'classes.txt'}: expected 1..255 class names, got {len(self.classes)}")
+            raise ValueError(f"{root / 'classes.txt'}: expected 1..255 class names, "
+                             f"got {len(self.classes)}")
         super().__init__(root, split)
 
     def _list(self):
-        return _pairs(self.root / "images" / self.split, self.root / "masks" / self.split, (".jpg", ".jpeg", ".png"),
-                      (".png",), "folder layout (images/{split}, masks/{split}, classes.txt)")
+        return _pairs(self.root / "images" / self.split, self.root / "masks" / self.split,
+                      (".jpg", ".jpeg", ".png"), (".png",),
+                      "folder layout (images/{split}, masks/{split}, classes.txt)")
 
 
-READERS = {"voc": (VOCReader, "VOCdevkit/VOC2012"), "ade20k": (ADE20KReader, "ADEChallengeData2016"),
-           "cityscapes": (CityscapesReader, "cityscapes"), "coco_stuff": (COCOStuffReader, "coco_stuff164k")}
+READERS = {"voc": (VOCReader, "VOCdevkit/VOC2012"),
+           "ade20k": (ADE20KReader, "ADEChallengeData2016"),
+           "cityscapes": (CityscapesReader, "cityscapes"),
+           "coco_stuff": (COCOStuffReader, "coco_stuff164k")}
 
 
 def dataset_root(data_root: str | Path, name: str) -> Path:
@@ -246,7 +269,8 @@ def dataset_root(data_root: str | Path, name: str) -> Path:
         path = Path(name[len("folder:"):])
         return path if path.is_absolute() else Path(data_root) / path
     if name not in READERS:
-        raise ValueError(f"unknown dataset {name!r}: known are {', '.join(READERS)} and folder:PATH")
+        raise ValueError(f"unknown dataset {name!r}: known are {', '.join(READERS)} "
+                         "and folder:PATH")
     return Path(data_root) / READERS[name][1]
 
 
@@ -255,7 +279,7 @@ def build_reader(name: str, data_root: str | Path, split: str) -> SegReader:
     return (FolderReader if name.startswith("folder:") else READERS[name][0])(root, split)
 
 
-# ------------------------------------------------------------------------------------------ label space
+# -------------------------------------------------------------------------------------- label space
 class LabelSpace:
     """M1: the datasets' label spaces concatenated; global id = offset_d + local id, 255 -> IGNORE.
 
@@ -280,7 +304,8 @@ class LabelSpace:
             self.lut = torch.tensor(lut, dtype=torch.long)  # (C,) concatenated id -> id or IGNORE
             self.num_classes = len(members)
             # a merged class's dataset here is its first member's; `membership` has them all
-            self.class_dataset = torch.tensor([concat_dataset[m[0]] for m in members], dtype=torch.long)
+            self.class_dataset = torch.tensor([concat_dataset[m[0]] for m in members],
+                                              dtype=torch.long)
         # (C', D) bool: class c has a member in dataset d (one-hot rows without a map)
         ids = self.lut if self.lut is not None else torch.arange(len(concat_dataset))
         keep = ids != IGNORE
@@ -288,17 +313,21 @@ class LabelSpace:
         self.membership[ids[keep], torch.tensor(concat_dataset, dtype=torch.long)[keep]] = True
 
     @classmethod
-    def from_readers(cls, readers: list[SegReader], label_map_file: str | Path | None = None) -> "LabelSpace":
+    def from_readers(cls, readers: list[SegReader], label_map_file: str | Path | None = None
+                     ) -> "LabelSpace":
         names, classes = [r.name for r in readers], [r.classes for r in readers]
-        return cls(names, classes, read_label_map(label_map_file, names, classes) if label_map_file else None)
+        return cls(names, classes,
+                   read_label_map(label_map_file, names, classes) if label_map_file else None)
 
     def to_global(self, label: np.ndarray | torch.Tensor, d: int) -> torch.Tensor:
         """(H, W) local ids 0..K_d-1 or 255 -> (H, W) int64 global ids or IGNORE."""
-        t = torch.as_tensor(label).as_subclass(torch.Tensor)  # plain tensor, also from a tv_tensors.Mask
+        # plain tensor, also from a tv_tensors.Mask
+        t = torch.as_tensor(label).as_subclass(torch.Tensor)
         k = self.num_classes_per_dataset[d]
         bad = t[((t < 0) | (t >= k)) & (t != RAW_IGNORE)]
         if bad.numel():
-            raise ValueError(f"{self.names[d]}: label value {int(bad[0])} outside 0..{k - 1} and not 255")
+            raise ValueError(f"{self.names[d]}: label value {int(bad[0])} outside 0..{k - 1} "
+                             "and not 255")
         g = (t.long() + self.offsets[d]).masked_fill_(t == RAW_IGNORE, IGNORE)  # concatenated ids
         if self.lut is None:
             return g
@@ -318,39 +347,46 @@ class LabelSpace:
         return isinstance(other, LabelSpace) and self.state_dict() == other.state_dict()
 
 
-# ---------------------------------------------------------------------------------------- augmentation
+# ------------------------------------------------------------------------------------- augmentation
 def rescale_size(h: int, w: int, base_size: tuple[int, int], ratio: float = 1.0) -> tuple[int, int]:
-    """MMSeg keep-ratio Resize: the largest (h', w') fitting inside base_size*ratio (either orientation)."""
+    """MMSeg keep-ratio Resize: the largest (h', w') fitting inside base_size*ratio (either
+    orientation)."""
     f = min(max(base_size) * ratio / max(h, w), min(base_size) * ratio / min(h, w))
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
 class RandomRescale(v2.Transform):
-    """Keep-ratio rescale to base_size * r, r ~ U(scale_range) (M9); masks are resized nearest by v2."""
+    """Keep-ratio rescale to base_size * r, r ~ U(scale_range) (M9); masks are resized
+    nearest by v2."""
 
     def __init__(self, base_size: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0)):
         super().__init__()
         self.base_size, self.scale_range = base_size, scale_range
 
     def make_params(self, flat_inputs):
-        h, w = F.get_size(next(x for x in flat_inputs if isinstance(x, (tv_tensors.Image, tv_tensors.Mask))))
+        h, w = F.get_size(next(x for x in flat_inputs
+                               if isinstance(x, (tv_tensors.Image, tv_tensors.Mask))))
         lo, hi = self.scale_range
-        r = lo if lo == hi else torch.empty(()).uniform_(lo, hi).item()  # torch RNG: seeded per DataLoader worker
+        # torch RNG: seeded per DataLoader worker
+        r = lo if lo == hi else torch.empty(()).uniform_(lo, hi).item()
         return {"size": list(rescale_size(h, w, self.base_size, r))}
 
     def transform(self, inpt, params):
         return self._call_kernel(F.resize, inpt, params["size"])
 
 
-def train_transform(base_size: tuple[int, int] = (2048, 512), crop_size: tuple[int, int] = (512, 512),
+def train_transform(base_size: tuple[int, int] = (2048, 512),
+                    crop_size: tuple[int, int] = (512, 512),
                     scale_range: tuple[float, float] = (0.5, 2.0)) -> v2.Compose:
-    """M9 train pipeline on (Image uint8, Mask uint8); crop_size is (h, w). Colour ops leave the Mask alone."""
+    """M9 train pipeline on (Image uint8, Mask uint8); crop_size is (h, w). Colour ops leave the
+    Mask alone."""
     return v2.Compose([
         RandomRescale(base_size, scale_range),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: RAW_IGNORE}),
+        v2.RandomCrop(crop_size, pad_if_needed=True,
+                      fill={tv_tensors.Image: 0, tv_tensors.Mask: RAW_IGNORE}),
         v2.RandomHorizontalFlip(0.5),
-        # MMSeg PhotoMetricDistortion: each op w.p. 0.5; brightness ~32/255, contrast and saturation 0.5-1.5,
-        # hue +-18/180 of the circle (applied to the image only)
+        # MMSeg PhotoMetricDistortion: each op w.p. 0.5; brightness ~32/255, contrast and
+        # saturation 0.5-1.5, hue +-18/180 of the circle (applied to the image only)
         *[v2.RandomApply([v2.ColorJitter(**{k: v})], p=0.5) for k, v in
           (("brightness", 0.125), ("contrast", 0.5), ("saturation", 0.5), ("hue", 0.1))],
         v2.ToDtype(torch.float32, scale=True),  # images only; the Mask stays uint8
@@ -359,7 +395,8 @@ def train_transform(base_size: tuple[int, int] = (2048, 512), crop_size: tuple[i
 
 
 class ImageOnly:
-    """Applies a transform to the image and passes the label through (eval: label kept at full size)."""
+    """Applies a transform to the image and passes the label through (eval: label kept at full
+    size)."""
 
     def __init__(self, transform):
         self.transform = transform
@@ -369,9 +406,10 @@ class ImageOnly:
 
 
 def eval_transform(base_size: tuple[int, int] = (2048, 512)) -> ImageOnly:
-    """M9 eval: the image is resized to fit base_size (keep ratio); the label stays at original size."""
-    return ImageOnly(v2.Compose([RandomRescale(base_size, (1.0, 1.0)), v2.ToDtype(torch.float32, scale=True),
-                                 v2.Normalize(MEAN, STD)]))
+    """M9 eval: the image is resized to fit base_size (keep ratio); the label stays at original
+    size."""
+    return ImageOnly(v2.Compose([RandomRescale(base_size, (1.0, 1.0)),
+                                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
 
 
 def denormalize(img: torch.Tensor) -> torch.Tensor:
@@ -403,14 +441,17 @@ def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
 def voc_palette() -> list[int]:
     """The 256-entry PASCAL VOC colour map (bit-interleaved), as PIL putpalette expects."""
     # channel k of colour i collects bits k, k+3, k+6 of i, most significant first
-    return [sum(((i >> (3 * j + k)) & 1) << (7 - j) for j in range(8)) for i in range(256) for k in range(3)]
+    return [sum(((i >> (3 * j + k)) & 1) << (7 - j) for j in range(8))
+            for i in range(256) for k in range(3)]
 
 
 # ------------------------------------------------------------------------------------ multi-dataset
 class MultiDataset(Dataset):
-    """The readers concatenated; items are (image (3,H,W) float, label (H,W) int64 global ids, dataset index)."""
+    """The readers concatenated; items are (image (3,H,W) float, label (H,W) int64 global ids,
+    dataset index)."""
 
-    def __init__(self, readers: list[SegReader], transform=None, label_map_file: str | Path | None = None):
+    def __init__(self, readers: list[SegReader], transform=None,
+                 label_map_file: str | Path | None = None):
         if not readers:
             raise ValueError("MultiDataset needs at least one reader")
         self.readers, self.label_space = readers, LabelSpace.from_readers(readers, label_map_file)
@@ -426,28 +467,36 @@ class MultiDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         d = bisect.bisect_right(self.cum, i)
         image, label = self.readers[d][i - (self.cum[d - 1] if d else 0)]
-        image, mask = self.transform(tv_tensors.Image(F.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(label)))
+        image, mask = self.transform(tv_tensors.Image(F.pil_to_tensor(image)),
+                                     tv_tensors.Mask(torch.from_numpy(label)))
         # global mapping after augmentation so crop padding (255) becomes IGNORE too
         return image.as_subclass(torch.Tensor), self.label_space.to_global(mask, d), d
 
 
 def build_multidataset(names: list[str], data_root: str | Path, split: str, transform=None,
                        label_map_file: str | Path | None = None) -> MultiDataset:
-    return MultiDataset([build_reader(n, data_root, split) for n in names], transform, label_map_file)
+    return MultiDataset([build_reader(n, data_root, split) for n in names], transform,
+                        label_map_file)
 
 
 class DatasetMixSampler(Sampler[int]):
-    """Sampler over a MultiDataset: a permutation of all samples (weights None), or len(total) draws where
-    dataset d is picked with probability w_d / sum(w); padded and sharded like DistributedSampler."""
+    """Sampler over a MultiDataset: a permutation of all samples (weights None), or len(total)
+    draws where dataset d is picked with probability w_d / sum(w); padded and sharded like
+    DistributedSampler."""
 
-    def __init__(self, sizes: list[int], weights: list[float] | None = None, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0, shuffle: bool = True):
+    def __init__(self, sizes: list[int], weights: list[float] | None = None,
+                 num_replicas: int | None = None, rank: int | None = None, seed: int = 0,
+                 shuffle: bool = True):
         ddp = dist.is_available() and dist.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if ddp else 1
+        self.num_replicas = (num_replicas if num_replicas is not None
+                             else dist.get_world_size() if ddp else 1)
         self.rank = rank if rank is not None else dist.get_rank() if ddp else 0
-        if weights is not None and (len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"dataset weights {weights}: expected one number >= 0 per dataset {sizes}, not all 0")
-        self.sizes, self.weights, self.seed, self.shuffle, self.epoch = list(sizes), weights, seed, shuffle, 0
+        if weights is not None and (len(weights) != len(sizes) or min(weights) < 0
+                                    or sum(weights) <= 0):
+            raise ValueError(f"dataset weights {weights}: expected one number >= 0 per dataset "
+                             f"{sizes}, not all 0")
+        self.sizes, self.weights, self.seed, self.shuffle, self.epoch = (list(sizes), weights, seed,
+                                                                         shuffle, 0)
         self.num_samples = math.ceil(sum(sizes) / self.num_replicas)  # per rank
         self.total_size = self.num_samples * self.num_replicas
 
@@ -462,30 +511,37 @@ class DatasetMixSampler(Sampler[int]):
         n = sum(self.sizes)
         if self.weights is not None:
             w = torch.tensor(self.weights, dtype=torch.float64) / sum(self.weights)
-            p = torch.cat([torch.full((s,), float(w[d]) / s, dtype=torch.float64) for d, s in enumerate(self.sizes)])
+            p = torch.cat([torch.full((s,), float(w[d]) / s, dtype=torch.float64)
+                           for d, s in enumerate(self.sizes)])
             idx = torch.multinomial(p, n, replacement=True, generator=g).tolist()
         else:
             idx = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        idx = (idx * math.ceil(self.total_size / n))[: self.total_size]  # pad by repeating, like DistributedSampler
+        # pad by repeating, like DistributedSampler
+        idx = (idx * math.ceil(self.total_size / n))[: self.total_size]
         return iter(idx[self.rank: self.total_size: self.num_replicas])
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     inf = sub.add_parser("info", help="classes, images per split and offsets of a dataset list")
     inf.add_argument("--datasets", nargs="+", required=True)
     inf.add_argument("--data-root", default="data/toy")
-    inf.add_argument("--names", action="store_true", help="also list every global class id and name")
-    inf.add_argument("--label-map", default=None, metavar="FILE", help="merge / drop classes (M1 ablation)")
+    inf.add_argument("--names", action="store_true",
+                     help="also list every global class id and name")
+    inf.add_argument("--label-map", default=None, metavar="FILE",
+                     help="merge / drop classes (M1 ablation)")
     args = ap.parse_args(argv)
-    readers = {s: [build_reader(n, args.data_root, s) for n in args.datasets] for s in ("train", "val")}
+    readers = {s: [build_reader(n, args.data_root, s) for n in args.datasets]
+               for s in ("train", "val")}
     space = LabelSpace.from_readers(readers["train"], args.label_map)
     print(f"{'dataset':<12} {'classes':>7} {'offset':>6} {'train':>7} {'val':>6}  root")
     for d, (tr, va) in enumerate(zip(readers["train"], readers["val"])):
-        print(f"{tr.name:<12} {len(tr.classes):>7} {space.offsets[d]:>6} {len(tr):>7} {len(va):>6}  {tr.root}")
-    print(f"total classes C = {space.num_classes}" + (f" after {args.label_map}" if args.label_map else ""))
+        print(f"{tr.name:<12} {len(tr.classes):>7} {space.offsets[d]:>6} {len(tr):>7} "
+              f"{len(va):>6}  {tr.root}")
+    print(f"total classes C = {space.num_classes}"
+          + (f" after {args.label_map}" if args.label_map else ""))
     if args.names:
         for c, n in enumerate(space.class_names):
             print(f"{c:>5} {n}")

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 finetune.py --ckpt imagenet:resnet50.pth --dataset ade20k
     python finetune.py --ckpt runs/finetune/last.pth --eval-only   # re-evaluates a fine-tuned model
     python finetune.py --ckpt runs/pretrain/last.pth --model linear --dataset voc   # linear probe
-    python finetune.py --ckpt ... --dataset voc --train-fraction 0.125   # 1/8 of the labelled images
+    python finetune.py --ckpt ... --dataset voc --train-fraction 0.125  # 1/8 of the labelled images
 
 torchvision DeepLabV3 (or FCN) on a dilated ResNet (output stride 8), no auxiliary head; only the
 backbone comes from the checkpoint (M2). The heads are torchvision's (ASPP 256 channels), not
@@ -66,8 +66,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rescale base scale (MMSeg img_scale), train and eval")
     p.add_argument("--batch-size", type=int, help="per process (default: recipe total / world)")
     p.add_argument("--train-fraction", type=float,
-                   help="label-efficient fine-tuning: train on this fraction of the training images "
-                        "(drawn once from --subset-seed, listed in OUT_DIR/train_subset.txt)")
+                   help="label-efficient fine-tuning: train on this fraction of the training "
+                        "images (drawn once from --subset-seed, listed in "
+                        "OUT_DIR/train_subset.txt)")
     p.add_argument("--train-images", type=int, help="the same as a count of images")
     p.add_argument("--subset-seed", type=int, help="seed of the training subset (default 0)")
     p.add_argument("--lr", type=float, help="default 0.01 (linear probe: 0.1)")

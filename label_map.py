@@ -1,4 +1,5 @@
-"""`--label-map FILE`: the source's "rough manual unification" ablation on top of MDP (METHOD.md M1).
+"""`--label-map FILE`: the source's "rough manual unification" ablation on top of MDP
+(METHOD.md M1).
 
 The file says which classes of the concatenated label space are the same class, and which to drop:
 

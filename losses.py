@@ -110,7 +110,8 @@ def csc_loss(z: torch.Tensor, prototypes: torch.Tensor, filled: torch.Tensor, la
     if similarity is not None:
         filled = filled & similarity[1]
         s = _masked_logits(z, similarity[0], filled, tau)  # (N, C): who is similar, and how much
-    same = _shares_dataset(class_dataset)[labels.clamp(min=0)]  # (N, C): class shares the pixel's dataset
+    # (N, C): class shares the pixel's dataset
+    same = _shares_dataset(class_dataset)[labels.clamp(min=0)]
     cand = filled[None, :] & ~same & (labels != IGNORE)[:, None]
     k = min(topk, s.shape[1])
     top_s, top_i = s.detach().masked_fill(~cand, float("-inf")).topk(k, dim=1)  # (N, k)

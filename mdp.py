@@ -34,7 +34,8 @@ _DILATION = {8: [False, True, True], 16: [False, False, True]}
 
 
 def build_resnet(arch: str = "resnet50", output_stride: int = 8) -> ResNet:
-    """A randomly initialised torchvision ResNet (M2: trained from scratch), torchvision's key names."""
+    """A randomly initialised torchvision ResNet (M2: trained from scratch), torchvision's key
+    names."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     if output_stride not in _DILATION:
@@ -43,8 +44,9 @@ def build_resnet(arch: str = "resnet50", output_stride: int = 8) -> ResNet:
 
 
 class MDPNet(nn.Module):
-    """Backbone + projection head (M2). `forward` gives the L2-normalised embedding (B, D, H/s, W/s),
-    or logits (B, C, H/s, W/s) from a 1x1 classifier when num_classes > 0 (M8 `ce` / `multihead`)."""
+    """Backbone + projection head (M2). `forward` gives the L2-normalised embedding
+    (B, D, H/s, W/s), or logits (B, C, H/s, W/s) from a 1x1 classifier when num_classes > 0
+    (M8 `ce` / `multihead`)."""
 
     def __init__(self, arch: str = "resnet50", output_stride: int = 8, embed_dim: int = 256,
                  num_classes: int = 0, embed_norm: str = "none"):
@@ -97,14 +99,15 @@ def _strip(key: str) -> str:
 
 
 def backbone_state_dict(obj: nn.Module | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Backbone weights in torchvision ResNet key names ("conv1.weight", "layer1.0.bn1.running_mean",
-    ...), without fc.*. Accepts an MDPNet (or any module with a `.backbone`), a torchvision ResNet,
-    an MDPNet state_dict, a training checkpoint dict {"model": state_dict, ...}, or a plain ResNet
-    state_dict."""
+    """Backbone weights in torchvision ResNet key names ("conv1.weight",
+    "layer1.0.bn1.running_mean", ...), without fc.*. Accepts an MDPNet (or any module with a
+    `.backbone`), a torchvision ResNet, an MDPNet state_dict, a training checkpoint dict
+    {"model": state_dict, ...}, or a plain ResNet state_dict."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a module, a state_dict or a checkpoint dict, got {type(obj).__name__}")
+        raise ValueError(f"expected a module, a state_dict or a checkpoint dict, "
+                         f"got {type(obj).__name__}")
     if isinstance(obj.get("model"), Mapping):
         obj = obj["model"]  # training checkpoint
     sd = {_strip(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -155,7 +158,8 @@ def init_from_imagenet(model: nn.Module, path: str | Path) -> tuple[list[str], l
                          f"(expected e.g. 'conv1.weight', 'layer1.0.conv1.weight')")
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing:
-        warnings.warn(f"init_from_imagenet({path}): {len(missing)} backbone tensors not in the file "
+        warnings.warn(f"init_from_imagenet({path}): "
+                      f"{len(missing)} backbone tensors not in the file "
                       f"and left at random init: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return loaded, missing
 
@@ -207,7 +211,8 @@ def export_backbone(ckpt: str | Path, out: str | Path, fmt: str = "torchvision")
                          f"*.pkl file; got --out {out}")
     state = load_checkpoint(ckpt)
     args = state.get("args") or {}
-    arch = args.get("arch", "resnet50") if isinstance(args, Mapping) else getattr(args, "arch", "resnet50")
+    arch = (args.get("arch", "resnet50") if isinstance(args, Mapping)
+            else getattr(args, "arch", "resnet50"))
     sd = {k: v.detach().cpu().clone() for k, v in backbone_state_dict(state).items()}
     _, missing, unexpected = load_backbone(build_resnet(arch), sd)
     missing = [k for k in missing if not k.startswith("fc.")]

@@ -5,8 +5,8 @@ Per class c a ring buffer holds the last Q per-image class means:
   step two  p_c  = normalise(mean of the filled slots of memory c)
 The bank is updated from the whole global batch before the loss of the step: every rank's image
 means are gathered in rank order, so every rank writes the same means in the same order and holds a
-bit-identical bank. A class never seen is empty (`filled` False, prototype zero) and must be left out
-of every softmax (M4). All updates are batched tensor ops; nothing loops over classes or images.
+bit-identical bank. A class never seen is empty (`filled` False, prototype zero) and must be left
+out of every softmax (M4). All updates are batched tensor ops; nothing loops over classes or images.
 
 No host synchronisation on an accelerator: every shape is fixed by (B, C, D, Q, world), never by
 the labels, and nothing reads a device value on the host, so a CUDA step runs under
@@ -71,7 +71,8 @@ class PrototypeBank(nn.Module):
                              f"dim={dim}, bank_size={bank_size}")
         self.num_classes, self.dim, self.bank_size = num_classes, dim, bank_size
         self.register_buffer("memory", torch.zeros(num_classes, bank_size, dim))  # (C, Q, D)
-        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))  # (C,) ever written
+        self.register_buffer("count",
+                             torch.zeros(num_classes, dtype=torch.long))  # (C,) ever written
         self.register_buffer("prototypes", torch.zeros(num_classes, dim))  # (C, D)
 
     @property
@@ -94,7 +95,8 @@ class PrototypeBank(nn.Module):
             torch._assert_async((labels < C).all(), f"PrototypeBank: a label is >= {C} classes")
 
     @torch.no_grad()
-    def image_means(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_means(self, z: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step one. z (B, D, h, w), labels (B, h, w) int64, negative = ignore.
         Returns means (B, C, D), L2-normalised and zero where absent, and present (B, C) bool."""
         return self._image_means(z.detach(), labels)

@@ -350,7 +350,8 @@ def maybe_resume(args: argparse.Namespace, states: dict, label_space: LabelSpace
         old, new = describe_space(ckpt["label_space"]), describe_space(label_space.state_dict())
         maps_differ = ckpt["label_space"].get("label_map") != label_space.label_map
         raise utils.CheckpointError(f"{resume} was trained on {old}, not {new}"
-                                    + (" (the label maps differ)" if old == new and maps_differ else ""))
+                                    + (" (the label maps differ)" if old == new and maps_differ
+                                       else ""))
     utils.check_same_flags(resume, ckpt.get("args") or {}, vars(args), FREE_ON_RESUME,
                            vars(get_args([])), {"amp_dtype": "--amp"})
     for k, m in states.items():  # model, bank, logit_scale, optimizer, scheduler, scaler

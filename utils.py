@@ -1,5 +1,5 @@
-"""Run plumbing shared by train_pretrain.py and finetune.py: DDP set-up, the data check, checkpoints,
-logging, RNG.
+"""Run plumbing shared by train_pretrain.py and finetune.py: DDP set-up, the data check,
+checkpoints, logging, RNG.
 
 `python script.py` is one process; `torchrun --nproc_per_node=N script.py` gives DDP (env:// init,
 gloo on CPU, nccl on CUDA). Every collective is guarded so a single process never touches
@@ -427,15 +427,17 @@ class JsonlLogger:
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Different streams per rank (augmentation), identical model init (seeded before rank offset)."""
+    """Different streams per rank (augmentation), identical model init (seeded before rank
+    offset)."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
 
 
 class KeyedAugmentation(torch.utils.data.Dataset):
-    """Seeds the augmentation of sample i in epoch e from (seed, e, i) alone, whatever the worker or
-    rank that loads it: `--resume` replays exactly the crops an uninterrupted run would have seen."""
+    """Seeds the augmentation of sample i in epoch e from (seed, e, i) alone, whatever the worker
+    or rank that loads it: `--resume` replays exactly the crops an uninterrupted run would have
+    seen."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int, epoch: int):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch

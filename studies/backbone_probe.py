@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     cell = lambda v: f"{np.mean(v):.2f} ± {np.std(v):.2f}"  # noqa: E731
     lines = [f"Backbone probe: `python studies/backbone_probe.py --ckpt {args.ckpt} -- "
              f"{' '.join(flags)}` at commit {git_commit()}; {args.seeds} seed(s), "
-             f"{len(done)} runs, the last finished {(max(done) - min(done)) / 60:.0f} min after the "
-             f"first ({os.cpu_count()} CPU cores). "
+             f"{len(done)} runs, the last finished {(max(done) - min(done)) / 60:.0f} min after "
+             f"the first ({os.cpu_count()} CPU cores). "
              f"mIoU (%), mean ± std over seeds; per seed in brackets.", "",
              f"| backbone initialisation | {' | '.join(MODES)} |", "|---|---:|---:|"]
     for init in INITS:

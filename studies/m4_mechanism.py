@@ -135,8 +135,9 @@ def write_table(runs: dict[str, dict[int, dict]], args: argparse.Namespace) -> N
              f"study's pretraining protocol (resnet14, output stride 16, 96×128 crops, 300 steps, "
              f"AdamW 1e-3, bank 64, τ 0.07) with one change, evaluated at the study's protocol "
              f"(output stride 16). Cells: mean ± std over seeds (per-seed values). Measures as in "
-             f"results/camvid/real_diagnosis.md: own task on all of val, collapse measures on 50 val "
-             f"images, pixel probes fitted on {real_diagnosis.PROBE_IMAGES} training images.", "",
+             f"results/camvid/real_diagnosis.md: own task on all of val, collapse measures on "
+             f"50 val images, pixel probes fitted on {real_diagnosis.PROBE_IMAGES} training "
+             f"images.", "",
              READING, "",
              "| row | change | " + " | ".join(HEAD) + " |", "|---|---|" + "---:|" * len(HEAD)]
     for row, by_seed in runs.items():

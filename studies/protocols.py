@@ -58,8 +58,10 @@ CLAIMS = [
 # the rules written there (`--choose`), never by a pretrained row's CamVid number.
 SOURCES = ["folder:stanford_background", "folder:msrc_v2", "folder:labelmefacade"]
 DOWNSTREAM = "folder:camvid"
-MULTI_PRETRAIN_ITERS = 2400  # the length rule (results/multi/multi_protocol.json): CE gained 3.3 >= 2
-MULTI_FINETUNE_ITERS = 480  # the fine-tuning rule (results/multi/multi_protocol.json), before any row
+# the length rule (results/multi/multi_protocol.json): CE gained 3.3 >= 2
+MULTI_PRETRAIN_ITERS = 2400
+# the fine-tuning rule (results/multi/multi_protocol.json), before any row
+MULTI_FINETUNE_ITERS = 480
 UNIFIED = str(ROOT / "studies" / "real_unified.txt")
 # row -> pretraining stages (datasets, extra flags); [] = no pretraining
 MULTI_ROWS: dict[str, list[tuple[list[str], list[str]]]] = {

@@ -1,5 +1,6 @@
-"""Why does MDP pretraining not beat CE on CamVid (results/camvid/real_table.md)? One-change variants of
-the real study's MDP row, each pretrained once (seed 0) under the study's protocol and measured on
+"""Why does MDP pretraining not beat CE on CamVid (results/camvid/real_table.md)?
+
+One-change variants of the real study's MDP row, each pretrained once (seed 0) under the study's protocol and measured on
 CamVid val by its own task (nearest prototype), the collapse measures of tools/pretrain_eval.py
 (--stats), pixel probes of the embedding and of the backbone, and the study's linear probe; then a
 per-class table of label purity at stride 16 and own-task IoU.
@@ -7,8 +8,8 @@ per-class table of label purity at stride 16 and own-task IoU.
     python studies/real_diagnosis.py --data-root DATA --work-dir ~/mdp-runs/real
 
 Uses the real study's work dir, so its finished rows (random, mdp, ce, mdp_tau0.3, mdp_no_mix at
-seed 0) are reused, not rerun; resumable like the study. Writes results/camvid/real_diagnosis.md, .json
-(with --seed N: real_diagnosis_seedN.*).
+seed 0) are reused, not rerun; resumable like the study. Writes results/camvid/real_diagnosis.md,
+.json (with --seed N: real_diagnosis_seedN.*).
 The rows up to mdp_bank512 and their reading rule were fixed before any variant ran, as were the
 two --label-purity rows (README, "On real images"); the rows marked post hoc were not.
 """
@@ -201,8 +202,8 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
         return "—" if v is None else format(v, fmt)
     made = provenance("studies/real_diagnosis.py", sys.argv[1:], args.work_dir, args.data_root)
     lines = [f"MDP diagnosis on CamVid: {made}. Seed {args.seed} only; every row is "
-             f"the real study's protocol (results/camvid/real_table.md) with one change; rows marked post "
-             f"hoc were added after the others had run. Measured at feature resolution "
+             f"the real study's protocol (results/camvid/real_table.md) with one change; rows "
+             f"marked post hoc were added after the others had run. Measured at feature resolution "
              f"(labelled pixels, whole images at the base scale): own task on all of val; the "
              f"collapse measures (tools/pretrain_eval.py --stats) on 50 val images; the pixel "
              f"probes, a logistic "

@@ -1,4 +1,4 @@
-"""The source's comparisons (METHOD.md M8, "The source's numbers") re-run end to end on the toy data.
+"""The source's comparisons (METHOD.md M8, "The source's numbers") re-run end to end on toy data.
 
 Every row pretrains with train_pretrain.py and fine-tunes with finetune.py (the same code a user
 runs, called in-process to spare a torch import per job) on toy VOC, ADE20K and Cityscapes with one
@@ -7,8 +7,8 @@ fixed budget, over several seeds. Finished jobs are skipped, so an interrupted r
     python studies/reproduce.py                 # full table: 3 seeds (about an hour on 2 CPU cores)
     python studies/reproduce.py --quick         # 1 seed, a tenth of the budget (smoke test)
 
-Writes results/toy/toy_table.md (mean ± std), results/toy/toy_table.json (every run, per-class IoU) and
-results/toy/toy_table.png (bar chart).
+Writes results/toy/toy_table.md (mean ± std), results/toy/toy_table.json (every run, per-class IoU)
+and results/toy/toy_table.png (bar chart).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""datasets.py: readers on toy and hand-made layouts, the M1 label space, augmentation, sampling, errors."""
+"""datasets.py: readers on toy and hand-made layouts, the M1 label space, augmentation, sampling,
+errors."""
 import re
 import subprocess
 import sys
@@ -16,8 +17,8 @@ from conftest import TOY_TRAIN, TOY_VAL
 NAMES = ["voc", "ade20k", "coco_stuff", "cityscapes"]
 PUBLISHED_K = {"voc": 21, "ade20k": 150, "coco_stuff": 171, "cityscapes": 19}
 # cityscapesScripts labels.py, written out independently of datasets.py: labelId -> trainId
-CS_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-               26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CS_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+               25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
 def png(path: Path, arr, palette: bool = False) -> Path:
@@ -54,7 +55,8 @@ def test_toy_layouts_read_by_real_readers(toy_root, name):
         assert r.name == name and len(r) == n and len(r.classes) == k and len(set(r.classes)) == k
         for i in range(n):
             img, lbl = r[i]
-            assert img.mode == "RGB" and lbl.dtype == np.uint8 and lbl.shape == (img.height, img.width)
+            assert (img.mode == "RGB" and lbl.dtype == np.uint8
+                    and lbl.shape == (img.height, img.width))
             assert all(v < k or v == 255 for v in np.unique(lbl).tolist())
             if name == "cityscapes":
                 assert img.width == 2 * img.height
@@ -65,9 +67,11 @@ def test_toy_files_follow_real_layouts(toy_root):
     ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert len(ids) == TOY_TRAIN and (voc / "JPEGImages" / f"{ids[0]}.jpg").is_file()
     assert Image.open(voc / "SegmentationClass" / f"{ids[0]}.png").mode == "P"
-    ade = sorted((toy_root / "ADEChallengeData2016" / "annotations" / "validation").glob("ADE_val_*.png"))
+    ade = sorted((toy_root / "ADEChallengeData2016" / "annotations" / "validation")
+                 .glob("ADE_val_*.png"))
     assert len(ade) == TOY_VAL and Image.open(ade[0]).mode == "L"
-    coco = sorted((toy_root / "coco_stuff164k" / "annotations" / "train2017").glob("*_labelTrainIds.png"))
+    coco = sorted((toy_root / "coco_stuff164k" / "annotations" / "train2017")
+                  .glob("*_labelTrainIds.png"))
     assert len(coco) == TOY_TRAIN
     gt = toy_root / "cityscapes" / "gtFine"
     assert len(list(gt.glob("train/*/*_gtFine_labelIds.png"))) == TOY_TRAIN
@@ -135,7 +139,8 @@ def test_known_pixels_every_reader(tmp_path):
     png(ade / "annotations" / "training" / "a.png", [[0, 1, 150], [13, 255, 2]])
     cs = tmp_path / "cityscapes"
     rgb(cs / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000001_leftImg8bit.png", 2, 3)
-    png(cs / "gtFine" / "train" / "ulm" / "ulm_000000_000001_gtFine_labelIds.png", [[7, 26, 0], [33, 24, 23]])
+    png(cs / "gtFine" / "train" / "ulm" / "ulm_000000_000001_gtFine_labelIds.png",
+        [[7, 26, 0], [33, 24, 23]])
     coco = tmp_path / "coco_stuff164k"
     rgb(coco / "images" / "train2017" / "000000000001.jpg", 1, 3)
     png(coco / "annotations" / "train2017" / "000000000001_labelTrainIds.png", [[0, 170, 255]])
@@ -150,7 +155,8 @@ def test_known_pixels_every_reader(tmp_path):
     assert readers[4].name == "mine" and readers[4].classes == ["road", "car", "sky"]
     assert D.dataset_root(tmp_path, f"folder:{mine}") == mine  # absolute path
     space = D.LabelSpace.from_readers(readers)
-    # hand-worked: offsets 0, 21, 171, 190, 361; ADE 0 -> ignore, v -> v-1; Cityscapes ids -> train ids
+    # hand-worked: offsets 0, 21, 171, 190, 361; ADE 0 -> ignore, v -> v-1;
+    # Cityscapes ids -> train ids
     assert space.offsets == [0, 21, 171, 190, 361] and space.num_classes == 364
     expected = [[[0, 15, -1], [20, 7, 0]],
                 [[-1, 21, 170], [33, -1, 22]],
@@ -164,7 +170,8 @@ def test_known_pixels_every_reader(tmp_path):
 
 def test_voc_train_uses_sbd_aug_when_present(tmp_path):
     base = voc_layout(tmp_path, {"a": [[1, 1]]})
-    assert D.build_reader("voc", tmp_path, "train").files[0][1] == base / "SegmentationClass" / "a.png"
+    assert (D.build_reader("voc", tmp_path, "train").files[0][1]
+            == base / "SegmentationClass" / "a.png")
     rgb(base / "JPEGImages" / "b.jpg", 1, 2)
     png(base / "SegmentationClassAug" / "a.png", [[2, 2]])
     png(base / "SegmentationClassAug" / "b.png", [[3, 0]])
@@ -210,7 +217,8 @@ def test_rescale_size_hand_worked():
     assert D.rescale_size(375, 500, (2048, 512)) == (512, 683)
     assert D.rescale_size(375, 500, (2048, 512), 0.5) == (256, 341)  # 500*0.68267 = 341.3
     assert D.rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)
-    assert D.rescale_size(500, 375, (2048, 512)) == (683, 512)  # portrait: same factor on long/short edges
+    # portrait: same factor on long/short edges
+    assert D.rescale_size(500, 375, (2048, 512)) == (683, 512)
 
 
 def test_train_transform_nearest_labels_and_ignore_padding():
@@ -218,7 +226,8 @@ def test_train_transform_nearest_labels_and_ignore_padding():
     torch.manual_seed(0)
     h, w = 30, 40
     image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
-    lbl = torch.tensor([[1, 5, 9][(x // 3 + y // 4) % 3] for y in range(h) for x in range(w)], dtype=torch.uint8)
+    lbl = torch.tensor([[1, 5, 9][(x // 3 + y // 4) % 3] for y in range(h) for x in range(w)],
+                       dtype=torch.uint8)
     mask = tv_tensors.Mask(lbl.view(h, w))
     t = D.train_transform(base_size=(w, h), crop_size=(64, 64), scale_range=(1.0, 1.0))
     img, m = t(image, mask)
@@ -236,7 +245,8 @@ def test_eval_transform_resizes_image_only():
     mask = tv_tensors.Mask(torch.zeros(375, 500, dtype=torch.uint8))
     img, m = D.eval_transform((2048, 512))(image, mask)
     assert img.shape == (3, 512, 683) and m.shape == (375, 500)
-    assert torch.allclose(img[:, 0, 0], torch.tensor([-m_ / s for m_, s in zip(D.MEAN, D.STD)]), atol=1e-5)
+    assert torch.allclose(img[:, 0, 0], torch.tensor([-m_ / s for m_, s in zip(D.MEAN, D.STD)]),
+                          atol=1e-5)
 
 
 def test_denormalize_inverts_normalisation():
@@ -271,7 +281,8 @@ def test_same_seed_same_samples(toy_root, workers):
                               D.train_transform(base_size=(128, 96), crop_size=(48, 48)))
     runs = []
     for _ in range(2):
-        torch.manual_seed(0)  # transforms draw from torch's RNG (per worker: seeded from the loader generator)
+        # transforms draw from torch's RNG (per worker: seeded from the loader generator)
+        torch.manual_seed(0)
         runs.append(list(_loader(ds, seed=3, workers=workers)))
     for (a, ya, da), (b, yb, db) in zip(*runs):
         assert torch.equal(a, b) and torch.equal(ya, yb) and torch.equal(da, db)
@@ -289,12 +300,14 @@ def test_sampler_permutation_epochs_and_ddp_shards():
     assert sorted(s) == list(range(10)) and list(s) != order
     assert list(D.DatasetMixSampler(sizes, shuffle=False)) == list(range(10))
     for weights in (None, [1.0, 1.0]):
-        shards = [list(D.DatasetMixSampler(sizes, weights, num_replicas=3, rank=r, seed=1)) for r in range(3)]
+        shards = [list(D.DatasetMixSampler(sizes, weights, num_replicas=3, rank=r, seed=1))
+                  for r in range(3)]
         assert [len(x) for x in shards] == [4, 4, 4]  # ceil(10 / 3), padded like DistributedSampler
         if weights is None:
             assert set().union(*shards) == set(range(10))
         full = list(D.DatasetMixSampler(sizes, weights, seed=1))
-        assert [x for i in range(4) for x in (shards[0][i], shards[1][i], shards[2][i])][:10] == full
+        assert ([x for i in range(4) for x in (shards[0][i], shards[1][i], shards[2][i])][:10]
+                == full)
 
 
 def test_weighted_sampling_follows_weights():
@@ -303,14 +316,16 @@ def test_weighted_sampling_follows_weights():
     assert len(idx) == 4000
     frac0 = sum(i < 1000 for i in idx) / len(idx)
     assert abs(frac0 - 0.75) < 0.03  # 3:1 although the second set is 3x bigger
-    assert abs(sum(i < 1000 for i in D.DatasetMixSampler(sizes, seed=0)) / 4000 - 0.25) < 1e-9  # by size
+    # by size
+    assert abs(sum(i < 1000 for i in D.DatasetMixSampler(sizes, seed=0)) / 4000 - 0.25) < 1e-9
     with pytest.raises(ValueError, match="weights"):
         D.DatasetMixSampler(sizes, [1.0])
 
 
 # ------------------------------------------------------------------------------------- bad input
 def test_unknown_dataset_and_split(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'pascal'.*voc, ade20k, cityscapes, coco_stuff"):
+    with pytest.raises(ValueError,
+                       match="unknown dataset 'pascal'.*voc, ade20k, cityscapes, coco_stuff"):
         D.build_reader("pascal", tmp_path, "train")
     voc_layout(tmp_path, {"a": [[0]]})
     with pytest.raises(ValueError, match="split must be 'train', 'val' or 'test'"):
@@ -320,7 +335,8 @@ def test_unknown_dataset_and_split(tmp_path):
 
 
 def test_missing_root_and_split_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages"))):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(str(tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages"))):
         D.build_reader("voc", tmp_path, "train")
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
         D.build_reader("ade20k", tmp_path, "val")
@@ -337,7 +353,8 @@ def test_bad_label_value_names_file_and_value(tmp_path):
     base = voc_layout(tmp_path, {"ok": [[0, 1]], "bad": [[0, 30]]})
     r = D.build_reader("voc", tmp_path, "train")
     r[0]
-    with pytest.raises(ValueError, match=re.escape(str(base / "SegmentationClass" / "bad.png")) + ".*value 30"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(base / "SegmentationClass" / "bad.png")) + ".*value 30"):
         r[1]
     ade = tmp_path / "ADEChallengeData2016"
     rgb(ade / "images" / "validation" / "a.jpg", 1, 2)
@@ -352,11 +369,14 @@ def test_size_mismatch_unreadable_image_missing_label_empty_split(tmp_path):
     (base / "JPEGImages" / "b.jpg").write_bytes(b"not a jpeg")
     (base / "SegmentationClass" / "c.png").unlink()
     r = D.build_reader("voc", tmp_path, "train")
-    with pytest.raises(ValueError, match=re.escape(str(base / "SegmentationClass" / "a.png")) + ".*size"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(base / "SegmentationClass" / "a.png")) + ".*size"):
         r[0]
-    with pytest.raises(ValueError, match=re.escape(str(base / "JPEGImages" / "b.jpg")) + ".*unreadable"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(base / "JPEGImages" / "b.jpg")) + ".*unreadable"):
         r[1]
-    with pytest.raises(FileNotFoundError, match=re.escape(str(base / "SegmentationClass" / "c.png"))):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(str(base / "SegmentationClass" / "c.png"))):
         r[2]
     coco = tmp_path / "coco_stuff164k"
     rgb(coco / "images" / "val2017" / "1.jpg", 1, 1)
@@ -377,7 +397,8 @@ def test_info_cli(toy_root, capsys):
     assert out[1].split()[:5] == ["voc", "21", "0", str(TOY_TRAIN), str(TOY_VAL)]
     assert out[2].split()[:5] == ["ade20k", "150", "21", str(TOY_TRAIN), str(TOY_VAL)]
     assert out[3] == "total classes C = 171"
-    res = subprocess.run([sys.executable, "datasets.py", "info", "--datasets", "pascal", "--data-root", str(toy_root)],
+    res = subprocess.run([sys.executable, "datasets.py", "info", "--datasets", "pascal",
+                          "--data-root", str(toy_root)],
                          cwd=Path(D.__file__).parent, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: unknown dataset 'pascal'")
     assert len(res.stderr.strip().splitlines()) == 1

@@ -103,19 +103,21 @@ def test_run_cmd_reports_the_error_line_not_torchruns_summary() -> None:
 EXPECTED_PAGE = """\
 # GPU check
 
-NVIDIA H100 80GB HBM3; torch 2.9.0, CUDA 12.8; 2025-01-02: `python tools/gpu_check.py --data-root DATA`
+NVIDIA H100 80GB HBM3; torch 2.9.0, CUDA 12.8; 2025-01-02: \
+`python tools/gpu_check.py --data-root DATA`
 
 **1/2 checks passed.**
 
 | check | GPU-only path | result | s | detail |
 |---|---|---|---:|---|
 | pretrain torchrun | bf16 autocast | PASS | 12 | 2 steps |
-| sync-free step | sync debug mode | **FAIL** | 3 | RuntimeError: synchronizing / bank (at TMP/x.py:1) |
+| sync-free step | sync debug mode | **FAIL** | 3 | \
+RuntimeError: synchronizing / bank (at TMP/x.py:1) |
 
 ## Speed: ResNet-50, output stride 8, 16 x 512x512, bf16 + channels_last
 
-One pretraining step as tools/bench.py times it (mix -> forward -> compute_loss -> backward -> SGD) \
-on synthetic two-dataset batches, C = 171 (VOC + ADE20K), MDP's bank full; 3 warm-up steps \
+One pretraining step as tools/bench.py times it (mix -> forward -> compute_loss -> backward -> \
+SGD) on synthetic two-dataset batches, C = 171 (VOC + ADE20K), MDP's bank full; 3 warm-up steps \
 excluded, median of 10, torch.cuda.synchronize around each.
 
 | method | ms / step | images / s | peak memory GiB | MDP/CE time |

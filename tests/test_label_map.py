@@ -1,5 +1,6 @@
-"""--label-map (METHOD.md M1 ablation): parsing, global ids, to_global, CSC and multi-head with merged
-classes against naive references, bad files, and train_pretrain.py with a map (run and resume)."""
+"""--label-map (METHOD.md M1 ablation): parsing, global ids, to_global, CSC and multi-head with
+merged classes against naive references, bad files, and train_pretrain.py with a map (run and
+resume)."""
 from __future__ import annotations
 
 import sys
@@ -143,7 +144,8 @@ def test_pretrain_eval_own_task_with_merged_and_dropped_classes(tmp_path: Path) 
     state = {"args": {"datasets": NAMES, "method": "mdp", "arch": "resnet14", "output_stride": 16,
                       "embed_dim": 8}, "label_space": space.state_dict(),
              "model": model.state_dict(), "bank": {"prototypes": protos, "count": count}}
-    clf, _ = own_task_classifier(state, "b")  # b: wall, person (merged into a's), dog (dropped), car
+    # b: wall, person (merged into a's), dog (dropped), car
+    clf, _ = own_task_classifier(state, "b")
     wall, person = gid["b:wall"], gid["a:person=b:person"]
     assert clf.classes.tolist() == [wall, person, IGNORE, gid["b:car"]]
     x = torch.randn(1, 3, 32, 32)
@@ -160,13 +162,15 @@ def test_pretrain_eval_own_task_with_merged_and_dropped_classes(tmp_path: Path) 
 
 # ------------------------------------------------------------------- losses with merged classes
 def datasets_of(membership: torch.Tensor) -> list[set[int]]:
-    return [{d for d in range(membership.shape[1]) if membership[c, d]} for c in range(membership.shape[0])]
+    return [{d for d in range(membership.shape[1]) if membership[c, d]}
+            for c in range(membership.shape[0])]
 
 
 def naive_csc_merged(z, protos, filled, labels, membership, tau, topk):
     """M5 with merges: a candidate shares no dataset with the pixel's label."""
     ds = datasets_of(membership)
-    return naive_csc(z, protos, filled, labels, None, tau, topk, other=lambda c, y: not ds[c] & ds[y])
+    return naive_csc(z, protos, filled, labels, None, tau, topk,
+                     other=lambda c, y: not ds[c] & ds[y])
 
 
 def naive_multihead_merged(logits, y_a, y_b, w, membership):
@@ -177,8 +181,8 @@ def naive_multihead_merged(logits, y_a, y_b, w, membership):
 
 
 # 7 classes over 3 datasets: class 0 merged over all three, class 3 over datasets 1 and 2
-MEMBERSHIP = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0]],
-                          dtype=torch.bool)
+MEMBERSHIP = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [0, 1, 0], [0, 0, 1],
+                           [0, 1, 0]], dtype=torch.bool)
 
 
 def test_csc_with_merges_matches_naive() -> None:
@@ -195,7 +199,8 @@ def test_csc_with_merges_matches_naive() -> None:
     protos[1] = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
     protos[2] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     logp = (z1 @ protos.T / 0.5).log_softmax(1)[0]
-    got = losses.csc_loss(z1, protos, torch.ones(7, dtype=torch.bool), torch.tensor([3]), MEMBERSHIP, 0.5, 1)
+    got = losses.csc_loss(z1, protos, torch.ones(7, dtype=torch.bool), torch.tensor([3]),
+                          MEMBERSHIP, 0.5, 1)
     torch.testing.assert_close(got, -logp[1])
 
 

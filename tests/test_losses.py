@@ -1,4 +1,5 @@
-"""losses.py against naive per-pixel loops (values and gradients) and hand-worked cases (M4, M5, M8)."""
+"""losses.py against naive per-pixel loops (values and gradients) and hand-worked cases
+(M4, M5, M8)."""
 import math
 import os
 import sys
@@ -82,7 +83,8 @@ def naive_pix2pix(z, labels, tau, max_pixels, seed):
             perm = torch.randperm(len(pix), generator=g)[:max_pixels]
             pix = [pix[int(k)] for k in perm]
         for a, (i, j) in enumerate(pix):
-            pos = [q for q, (k, l) in enumerate(pix) if q != a and labels[b, k, l] == labels[b, i, j]]
+            pos = [q for q, (k, l) in enumerate(pix)
+                   if q != a and labels[b, k, l] == labels[b, i, j]]
             if not pos:
                 continue
             s = [(z[b, :, i, j] * z[b, :, k, l]).sum() / tau for (k, l) in pix]
@@ -154,7 +156,8 @@ def test_contrast_unfilled_class_excluded_from_softmax():
     y = torch.tensor([0])
     tau = 0.5
     want = -(2.0 - math.log(math.exp(2.0) + math.exp(0.0)))
-    got = losses.prototype_contrast_loss(z, protos, filled, y, y, torch.ones(1, dtype=torch.float64), tau)
+    got = losses.prototype_contrast_loss(z, protos, filled, y, y,
+                                         torch.ones(1, dtype=torch.float64), tau)
     assert abs(got.item() - want) < 1e-9
 
 
@@ -203,14 +206,16 @@ def test_csc_candidates_never_from_own_dataset():
     got = losses.csc_loss(z, protos, filled, torch.tensor([0]), cd, tau, topk=5)
     torch.testing.assert_close(got, -(alpha * logp[1:]).sum())
     # an empty prototype of the other dataset is never a candidate
-    got = losses.csc_loss(z, protos, torch.tensor([True, False, True]), torch.tensor([0]), cd, tau, topk=1)
+    got = losses.csc_loss(z, protos, torch.tensor([True, False, True]), torch.tensor([0]), cd, tau,
+                          topk=1)
     torch.testing.assert_close(got, -torch.stack([s[0], s[2]]).log_softmax(0)[1])
 
 
 def test_csc_single_dataset_is_zero():
     z, protos, filled, labels, _, _ = setup()
     zz = z.clone().requires_grad_(True)
-    loss = losses.csc_loss(zz, protos, filled, labels, torch.zeros(protos.shape[0], dtype=torch.long))
+    loss = losses.csc_loss(zz, protos, filled, labels,
+                           torch.zeros(protos.shape[0], dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(zz.grad).all() and (zz.grad == 0).all()
 
@@ -233,13 +238,15 @@ def test_ce_and_multihead_match_naive():
 
 
 def test_multihead_is_per_dataset_cross_entropy():
-    # one-hot targets: identical to CE of each dataset's own logit slice (one classifier per dataset)
+    # one-hot targets: identical to CE of each dataset's own logit slice (one classifier per
+    # dataset)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(10, 5, dtype=torch.float64, generator=g)
     cd = torch.tensor([0, 0, 1, 1, 1])
     y = torch.tensor([0, 1, 2, 3, 4, 0, 4, 2, 1, 3])
     want = torch.stack([F.cross_entropy(logits[i:i + 1, :2], y[i:i + 1]) if y[i] < 2 else
-                        F.cross_entropy(logits[i:i + 1, 2:], y[i:i + 1] - 2) for i in range(10)]).mean()
+                        F.cross_entropy(logits[i:i + 1, 2:], y[i:i + 1] - 2)
+                        for i in range(10)]).mean()
     got = losses.multihead_loss(logits, y, y, torch.ones(10, dtype=torch.float64), cd)
     torch.testing.assert_close(got, want)
 

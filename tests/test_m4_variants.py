@@ -146,7 +146,8 @@ def test_compute_loss_wiring() -> None:
     kw = dict(method="mdp", max_pixels=0, tau=0.2, no_csc=True, topk=1, csc_weight=0.0,
               label_purity=0.0)
     runs = []
-    for proto_grad, tau in ((False, None), (True, None), (False, torch.tensor(0.2, dtype=torch.float64))):
+    for proto_grad, tau in ((False, None), (True, None),
+                            (False, torch.tensor(0.2, dtype=torch.float64))):
         bank, z = PrototypeBank(C, D, 4).double(), z0.clone().requires_grad_()
         loss, parts = compute_loss(Namespace(proto_grad=proto_grad, **kw), z, y, y, w, bank,
                                    torch.zeros(C, dtype=torch.long), torch.Generator(), tau=tau)

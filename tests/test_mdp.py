@@ -1,4 +1,5 @@
-"""MDPNet (M2) shapes, and the backbone hand-over to torchvision's ResNet / DeepLabV3 / FCN / Mask R-CNN."""
+"""MDPNet (M2) shapes, and the backbone hand-over to torchvision's ResNet / DeepLabV3 / FCN /
+Mask R-CNN."""
 from __future__ import annotations
 
 import subprocess
@@ -149,7 +150,8 @@ def test_init_from_imagenet(tmp_path: Path) -> None:
 
 def test_export_function_resnet50(tmp_path: Path, r50) -> None:
     net, sd = r50
-    torch.save({"model": net.state_dict(), "args": {}}, tmp_path / "ckpt.pth")  # arch defaults to resnet50
+    # arch defaults to resnet50
+    torch.save({"model": net.state_dict(), "args": {}}, tmp_path / "ckpt.pth")
     export_backbone(tmp_path / "ckpt.pth", tmp_path / "out.pth")
     out = torch.load(tmp_path / "out.pth", weights_only=True)
     assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)

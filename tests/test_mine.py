@@ -1,6 +1,7 @@
 """Mining unlabelled images (METHOD.md M10): the pseudo-label rule and the mined loss against naive
 per-pixel loops, unlabelled pixels changing neither the bank nor CSC, the unlabelled stream keyed by
-step, and train_pretrain.py --unlabelled / mine.py run as a user runs them (toy data, tiny budget)."""
+step, and train_pretrain.py --unlabelled / mine.py run as a user runs them
+(toy data, tiny budget)."""
 from __future__ import annotations
 
 import copy
@@ -101,7 +102,8 @@ def test_unfilled_prototype_never_chosen_and_ties_go_to_the_first_class() -> Non
     z = e[:1]
     labels, conf = mine.pseudo_labels(z, protos, filled, 0.07, 0.0)
     assert labels.tolist() == [2]  # not the unfilled 0, and 2 before 4
-    s = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64) / 0.07  # logits of the filled classes 1..4
+    # logits of the filled classes 1..4
+    s = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64) / 0.07
     assert float(conf[0]) == pytest.approx(float(s.softmax(0)[1]), rel=1e-12)  # just below 0.5
     assert mine.pseudo_labels(z, protos, filled, 0.07, 0.5)[0].tolist() == [IGNORE]
     # the tie broken the same way wherever the pair sits
@@ -235,7 +237,8 @@ def test_train_with_unlabelled_python_and_torchrun(toy_root: Path, tmp_path: Pat
     r = run(COMMON + ["--data-root", str(toy_root), "--iters", "3", "--mine-warmup", "1",
                       "--mine-threshold", "0", "--out-dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "mining 24 unlabelled images (coco_stuff), 4 per process and step from step 1" in r.stdout
+    assert ("mining 24 unlabelled images (coco_stuff), 4 per process and step from step 1"
+            in r.stdout)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert "mined_frac" not in log[0]  # the warm-up step loads no unlabelled image
     for rec in log[1:]:
@@ -326,8 +329,9 @@ def test_mine_cli_writes_pngs_and_legend(toy_root: Path, tmp_path: Path) -> None
     for rec in legend["images"]:
         c = rec["confidence"]
         assert 0 < c["median"] <= c["p90"] <= c["max"] <= 1
-    for threshold, mines in ((min(peaks), True), (torch.nextafter(torch.tensor(max(peaks)),
-                                                                   torch.tensor(2.0)).item(), False)):
+    for threshold, mines in ((min(peaks), True),
+                             (torch.nextafter(torch.tensor(max(peaks)), torch.tensor(2.0)).item(),
+                              False)):
         r = mine_cli(["--ckpt", str(ckpt), "--images", str(folder.parent), "--out",
                       str(out / "t"), "--base-size", "64", "32", "--threshold", repr(threshold)])
         assert r.returncode == 0, r.stderr[-3000:]

@@ -98,7 +98,8 @@ def test_choose_partners():
         assert (ds[p] != ds).all()  # another dataset whenever the batch has one
         for i, j in enumerate(p.tolist()):
             seen[i].add(j)
-    assert seen == [{2, 3, 4}, {2, 3, 4}, {0, 1, 3, 4}, {0, 1, 2}, {0, 1, 2}]  # every candidate drawn
+    # every candidate drawn
+    assert seen == [{2, 3, 4}, {2, 3, 4}, {0, 1, 3, 4}, {0, 1, 2}, {0, 1, 2}]
     p = mixing.choose_partners(torch.zeros(4, dtype=torch.long), g)
     assert (p != torch.arange(4)).all()  # single dataset: any other image
     assert mixing.choose_partners(torch.tensor([3]), g).tolist() == [0]  # B == 1: itself
@@ -109,8 +110,8 @@ def test_choose_partners():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mix_batch_matches_naive_loop(mode, seed):
     images, labels, ds = batch(seed=seed)
-    x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, mode, torch.Generator().manual_seed(seed),
-                                          return_info=True)
+    x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, mode,
+                                          torch.Generator().manual_seed(seed), return_info=True)
     nx, nya, nyb, nw, nmode, npartner = naive_mix(images, labels, ds, mode, seed)
     assert torch.equal(info["mode"], nmode) and torch.equal(info["partner"], npartner)
     assert torch.equal(ya, nya) and torch.equal(yb, nyb)
@@ -121,7 +122,8 @@ def test_mix_batch_matches_naive_loop(mode, seed):
 
 def test_pixel_mixing_targets():
     images, labels, ds = batch(seed=4)
-    x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, "pixel", torch.Generator().manual_seed(4),
+    x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, "pixel",
+                                          torch.Generator().manual_seed(4),
                                           p_region=0.0, return_info=True)  # every image pixel-mixed
     assert (info["mode"] == mixing.PIXEL).all()
     hard = mixing.hard_labels(ya, yb, w)
@@ -146,7 +148,8 @@ def test_pixel_mixing_targets():
 
 def test_region_mixing_targets():
     images, labels, ds = batch(seed=5)
-    x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, "region", torch.Generator().manual_seed(5),
+    x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, "region",
+                                          torch.Generator().manual_seed(5),
                                           p_region=1.0, return_info=True)
     assert (info["mode"] == mixing.REGION).all()
     assert (w == 1).all() and torch.equal(ya, yb) and torch.equal(mixing.hard_labels(ya, yb, w), ya)
@@ -155,8 +158,10 @@ def test_region_mixing_targets():
         x0, y0, x1, y1 = info["boxes"][i].tolist()
         box = torch.zeros(labels.shape[1:], dtype=torch.bool)
         box[y0:y1, x0:x1] = True
-        assert torch.equal(x[i][:, box], images[p][:, box]) and torch.equal(ya[i][box], labels[p][box])
-        assert torch.equal(x[i][:, ~box], images[i][:, ~box]) and torch.equal(ya[i][~box], labels[i][~box])
+        assert (torch.equal(x[i][:, box], images[p][:, box])
+                and torch.equal(ya[i][box], labels[p][box]))
+        assert (torch.equal(x[i][:, ~box], images[i][:, ~box])
+                and torch.equal(ya[i][~box], labels[i][~box]))
 
 
 def test_mix_batch_reproducible_and_none_identity():
@@ -170,13 +175,14 @@ def test_mix_batch_reproducible_and_none_identity():
     assert torch.equal(x, images) and torch.equal(ya, labels) and torch.equal(yb, labels)
     assert (w == 1).all()
     # B == 1: the partner is the image itself, so nothing is mixed
-    x, ya, yb, w = mixing.mix_batch(images[:1], labels[:1], ds[:1], "both", torch.Generator().manual_seed(0))
+    x, ya, yb, w = mixing.mix_batch(images[:1], labels[:1], ds[:1], "both",
+                                    torch.Generator().manual_seed(0))
     assert torch.equal(x, images[:1]) and torch.equal(ya, labels[:1]) and (w == 1).all()
     # an all-IGNORE partner: pixel mixing pastes nothing
     lab = labels.clone()
     lab[ds == 1] = IGNORE
-    x, ya, yb, w = mixing.mix_batch(images[:3], lab[:3], ds[:3], "pixel", torch.Generator().manual_seed(0),
-                                    p_region=0.0)
+    x, ya, yb, w = mixing.mix_batch(images[:3], lab[:3], ds[:3], "pixel",
+                                    torch.Generator().manual_seed(0), p_region=0.0)
     assert torch.equal(x[:2], images[:2]) and torch.equal(ya[:2], lab[:2]) and (w[:2] == 1).all()
     with pytest.raises(ValueError):
         mixing.mix_batch(images, labels, ds, "cutmix", torch.Generator())
@@ -186,7 +192,8 @@ def test_mix_batch_reproducible_and_none_identity():
 def test_mix_batch_same_on_cuda():
     images, labels, ds = batch(b=8, h=33, w=41, c=40, seed=7, ds=(0, 1, 2, 0, 1, 2, 0, 0))
     cpu = mixing.mix_batch(images, labels, ds, "both", torch.Generator().manual_seed(3))
-    gpu = mixing.mix_batch(images.cuda(), labels.cuda(), ds.cuda(), "both", torch.Generator().manual_seed(3))
+    gpu = mixing.mix_batch(images.cuda(), labels.cuda(), ds.cuda(), "both",
+                           torch.Generator().manual_seed(3))
     for u, v in zip(cpu, gpu):
         assert v.device.type == "cuda"
         torch.testing.assert_close(v.cpu(), u, atol=1e-6, rtol=0)
@@ -223,7 +230,8 @@ def test_mix_batch_num_classes_bound_changes_no_output(mode, seed):
 def test_mix_batch_label_beyond_num_classes():
     images, labels, ds = batch(seed=8)
     with pytest.raises(ValueError, match="out of range"):
-        mixing.mix_batch(images, labels, ds, "both", torch.Generator(), num_classes=int(labels.max()))
+        mixing.mix_batch(images, labels, ds, "both", torch.Generator(),
+                         num_classes=int(labels.max()))
 
 
 def test_mix_batch_reads_nothing_back_from_the_device():
@@ -234,7 +242,8 @@ def test_mix_batch_reads_nothing_back_from_the_device():
     labels = torch.empty(5, 6, 7, dtype=torch.long, device="meta")
     ds = torch.tensor([0, 1, 0, 2, 1])
     for mode in mixing.MODES:
-        x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, mode, torch.Generator().manual_seed(0),
+        x, ya, yb, w, info = mixing.mix_batch(images, labels, ds, mode,
+                                              torch.Generator().manual_seed(0),
                                               return_info=True, num_classes=9)
         assert x.shape == images.shape and ya.shape == yb.shape == w.shape == labels.shape
         assert info["mode"].device.type == "meta"

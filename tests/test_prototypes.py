@@ -65,13 +65,15 @@ def random_batch(g: torch.Generator, B: int, D: int, h: int, w: int, classes: li
     cl = torch.tensor(classes)
     labels = cl[torch.randint(len(cl), (B, h, w), generator=g)]
     labels[torch.rand(B, h, w, generator=g) < p_ignore] = IGNORE
-    z.permute(0, 2, 3, 1)[labels == IGNORE] = 1e3  # would spoil every mean if an ignored pixel were counted
+    # would spoil every mean if an ignored pixel were counted
+    z.permute(0, 2, 3, 1)[labels == IGNORE] = 1e3
     return z, labels
 
 
 def test_hand_worked_mean() -> None:
     bank = PrototypeBank(num_classes=3, dim=2, bank_size=4)
-    z = torch.tensor([[1.0, 0.0, 5.0], [0.0, 1.0, 5.0]]).reshape(1, 2, 1, 3)  # pixels (1,0) (0,1) (5,5)
+    # pixels (1,0) (0,1) (5,5)
+    z = torch.tensor([[1.0, 0.0, 5.0], [0.0, 1.0, 5.0]]).reshape(1, 2, 1, 3)
     labels = torch.tensor([[[1, 1, IGNORE]]])
     bank.update(z, labels)
     s = 2 ** -0.5

@@ -29,7 +29,8 @@ def test_reproduce_quick_subset(toy_root: Path, tmp_path: Path) -> None:
         assert table["table"][row]["cityscapes"]["mean"] == run["mIoU"]
     # the claim "MDP beats no pretraining" is judged from those same two runs
     miou = {row: json.loads((tmp_path / "work" / row / "seed0" / "ft_cityscapes" /
-                             "results.json").read_text())["mIoU"] for row in ("mdp_voc_ade", "scratch")}
+                             "results.json").read_text())["mIoU"]
+            for row in ("mdp_voc_ade", "scratch")}
     (check,) = [c for c in table["claims"] if c["claim"] == "MDP beats no pretraining"]
     assert check["diff"] == miou["mdp_voc_ade"] - miou["scratch"]
     expected = {1: "holds (1 seed)", -1: "reversed (1 seed)", 0: "tie"}

