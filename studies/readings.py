@@ -23,9 +23,10 @@ def verdicts_markdown(checks: list[dict], mined: dict[str, dict[int, float]]) ->
     two of the three and is reversed on none ("changes nothing": within seed noise on all three);
     reversed, the same the other way round [our symmetric reading]; else it does not hold. A group
     with an evaluation missing is not read yet; a mining claim whose row (`mined`: row -> seed ->
-    mined_frac) mined at no seed is not tested. A CamVid verdict is marked weak when it changes once the fine-tunings that differ by
-    under WEAK_FINETUNE points are read as within noise [ours, added with seeds 0-1 in: float
-    rounding alone moves one fine-tuning job about 1.6 points, a probe not at all]."""
+    mined_frac) mined at no seed is not tested. A CamVid verdict is marked weak when it changes
+    once the fine-tunings that differ by under WEAK_FINETUNE points are read as within noise
+    [ours, added with seeds 0-1 in: float rounding alone moves one fine-tuning job about 1.6
+    points, a probe not at all]."""
     lines = ["", "Each claim by the protocol's reading rule (holds / reversed / within noise, of "
              "the group's evaluations), then each evaluation's difference ± the sum of the stds:",
              "", f"| claim | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
@@ -93,24 +94,47 @@ def paired_difference(diffs: list[float]) -> dict:
     return {"n": n, "mean": mean, "half": half, "verdict": verdict}
 
 
-def paired_checks(runs: dict[str, dict[int, dict]], claims: list, evals: list[str]) -> list[dict]:
+def mIoU(res: dict, e: str) -> float:
+    return res[e]["mIoU"]
+
+
+def paired_over_seeds(runs: dict[str, dict[int, dict]], better: str, worse: str, evals: list[str],
+                      value=mIoU) -> tuple[list[int], list[dict]]:
+    """On the seeds both rows have: per evaluation e, the differences value(better) - value(worse)
+    seed by seed and their paired reading (paired_difference). No common seed: nothing."""
+    seeds = sorted(set(runs.get(better, {})) & set(runs.get(worse, {})))
+    readings = []
+    for e in evals if seeds else []:
+        diffs = [value(runs[better][s], e) - value(runs[worse][s], e) for s in seeds]
+        readings.append({"target": e, "diffs": diffs, **paired_difference(diffs)})
+    return seeds, readings
+
+
+def interval(d: dict) -> str:
+    """'+1.5 [+0.3, +2.7]': a paired mean difference and its 95 % interval (the mean alone for one
+    seed), with a typographic minus."""
+    text = f"{d['mean']:+.1f}" + ("" if d["half"] is None else
+                                  f" [{d['mean'] - d['half']:+.1f}, {d['mean'] + d['half']:+.1f}]")
+    return text.replace("-", "−")
+
+
+def paired_checks(runs: dict[str, dict[int, dict]], claims: list,
+                  evals: list[str]) -> list[dict]:
     """Every claim per evaluation by the paired rule, on the seeds both rows have."""
     checks = []
     for claim, better, worse, targets, _ in claims:
-        seeds = sorted(set(runs.get(better, {})) & set(runs.get(worse, {})))
-        for t in (t for t in targets if t in evals and seeds):
-            diffs = [runs[better][s][t]["mIoU"] - runs[worse][s][t]["mIoU"] for s in seeds]
-            checks.append({"claim": claim, "target": t, "better": better, "worse": worse,
-                           "seeds": seeds, "diffs": diffs, **paired_difference(diffs)})
+        seeds, ds = paired_over_seeds(runs, better, worse, [t for t in targets if t in evals])
+        checks += [{"claim": claim, "target": d["target"], "better": better, "worse": worse,
+                    "seeds": seeds, **d} for d in ds]
     return checks
 
 
 def paired_markdown(paired: list[dict], mined: dict[str, dict[int, float]]) -> str:
-    """Each claim by the paired rule, grouped as the protocol's rule groups them (verdicts_markdown):
-    the group's verdict from its evaluations' paired verdicts, then each mean difference with its
-    95 % interval [low, high] and the seeds it rests on."""
-    lines = ["", "Each claim by the paired rule (addendum of 2026-12-05: per seed the difference of "
-             "the two rows, its mean over the seeds and the 95 % paired t interval; holds / "
+    """Each claim by the paired rule, grouped as the protocol's rule groups them
+    (verdicts_markdown): the group's verdict from its evaluations' paired verdicts, then each mean
+    difference with its 95 % interval [low, high] and the seeds it rests on."""
+    lines = ["", "Each claim by the paired rule (addendum of 2026-12-05: per seed the difference "
+             "of the two rows, its mean over the seeds and the 95 % paired t interval; holds / "
              "reversed / level, of the group's evaluations: the group rule of the protocol), then "
              "each evaluation's mean difference [95 % interval]:", "",
              f"| claim | seeds | unseen: {' / '.join(CAMVID_EVALS)} | seen: "
@@ -125,9 +149,7 @@ def paired_markdown(paired: list[dict], mined: dict[str, dict[int, float]]) -> s
                 continue
             verdict, counts = group_verdict(claim, [c["verdict"] for c in got])
             one = " (1 seed)" if len(seeds) < 2 else ""
-            diffs = " / ".join(f"{c['mean']:+.1f}" + ("" if c["half"] is None else
-                               f" [{c['mean'] - c['half']:+.1f}, {c['mean'] + c['half']:+.1f}]")
-                               for c in got).replace("-", "−")
+            diffs = " / ".join(interval(c) for c in got)
             if untested(claim, mined):
                 verdict = "not tested: mining did not fire"
             cells.append(f"{verdict}{one} {counts}: {diffs}")
@@ -158,16 +180,9 @@ def glance_markdown(runs: dict[str, dict[int, dict]], labels: dict[str, str]) ->
             f"{np.mean(v):.1f} ± {np.std(v):.1f}" for v in vals) + " |")
     lines += ["", head.format("minus CE, per seed (paired)"), "|---|---|" + "---:|" * len(evals)]
     for r in (r for r in rows if r != "ce"):
-        seeds = sorted(set(runs[r]) & set(runs.get("ce", {})))
-        if len(seeds) < 2:
-            continue
-        cells = []
-        for e in evals:
-            d = paired_difference([value(runs[r][s], e) - value(runs["ce"][s], e) for s in seeds])
-            cells.append(f"{d['mean']:+.1f} [{d['mean'] - d['half']:+.1f}, "
-                         f"{d['mean'] + d['half']:+.1f}]")
-        lines.append(f"| {labels[r]} | {len(seeds)} | " + " | ".join(cells).replace("-", "−")
-                     + " |")
+        seeds, ds = paired_over_seeds(runs, r, "ce", evals, value)
+        if len(seeds) >= 2:
+            lines.append(f"| {labels[r]} | {len(seeds)} | " + " | ".join(map(interval, ds)) + " |")
     return "\n".join(lines + repair_lines(runs, labels)) + "\n"
 
 
@@ -180,21 +195,18 @@ def repair_lines(runs: dict[str, dict[int, dict]], labels: dict[str, str]) -> li
     for r in (r for r in GLANCE[3:] if r in runs):
         parts = []
         for base, name in (("ce", "CE"), ("mdp", "the source's MDP")):
-            seeds = sorted(set(runs[r]) & set(runs.get(base, {})))
+            seeds, ds = paired_over_seeds(runs, r, base, CAMVID_EVALS)
             if len(seeds) < 2:
                 parts.append(f"against {name}: {len(seeds)} common seed, not read yet")
                 continue
-            ds = [paired_difference([runs[r][s][e]["mIoU"] - runs[base][s][e]["mIoU"]
-                                     for s in seeds]) for e in CAMVID_EVALS]
             verdict, _ = group_verdict("", [d["verdict"] for d in ds])
-            parts.append(f"**{words[verdict]} {name}** on CamVid (seeds {', '.join(map(str, seeds))}"
-                         "; " + ", ".join(
-                             f"{e.removeprefix('CamVid ')} {d['mean']:+.1f} [{d['mean'] - d['half']:+.1f}, "
-                             f"{d['mean'] + d['half']:+.1f}]" for e, d in zip(CAMVID_EVALS, ds))
-                         .replace("-", "−") + ")")
+            parts.append(f"**{words[verdict]} {name}** on CamVid (seeds "
+                         f"{', '.join(map(str, seeds))}; " + ", ".join(
+                             f"{d['target'].removeprefix('CamVid ')} {interval(d)}" for d in ds)
+                         + ")")
         lines.append(f"- {labels[r]}: " + "; ".join(parts) + ".")
-    return ["", "Each repair [ours] by the paired rule on the three CamVid evaluations (probe, 1/8, "
-            "all: mean difference [95 % interval]):", "", *lines] if lines else []
+    return ["", "Each repair [ours] by the paired rule on the three CamVid evaluations (probe, "
+            "1/8, all: mean difference [95 % interval]):", "", *lines] if lines else []
 
 
 def scale_markdown(base: dict[str, dict[int, dict]], scaled: dict[str, dict[int, dict]],

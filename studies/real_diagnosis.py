@@ -1,9 +1,9 @@
 """Why does MDP pretraining not beat CE on CamVid (results/camvid/real_table.md)?
 
-One-change variants of the real study's MDP row, each pretrained once (seed 0) under the study's protocol and measured on
-CamVid val by its own task (nearest prototype), the collapse measures of tools/pretrain_eval.py
-(--stats), pixel probes of the embedding and of the backbone, and the study's linear probe; then a
-per-class table of label purity at stride 16 and own-task IoU.
+One-change variants of the real study's MDP row, each pretrained once (seed 0) under the study's
+protocol and measured on CamVid val by its own task (nearest prototype), the collapse measures of
+tools/pretrain_eval.py (--stats), pixel probes of the embedding and of the backbone, and the study's
+linear probe; then a per-class table of label purity at stride 16 and own-task IoU.
 
     python studies/real_diagnosis.py --data-root DATA --work-dir ~/mdp-runs/real
 

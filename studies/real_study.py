@@ -2,7 +2,8 @@
 by linear probes and by fine-tuning DeepLabV3 on 1/8 and on all of a downstream set's training
 images, over seeds. One runner, two studies:
 
-- `--study camvid` (the default): pretrain on CamVid, evaluate on CamVid (results/camvid/real_table.*);
+- `--study camvid` (the default): pretrain on CamVid, evaluate on CamVid
+  (results/camvid/real_table.*);
 - `--study multi`: pretrain on stanford_background + msrc_v2 + labelmefacade (39 concatenated
   classes), evaluate on CamVid, unseen, and probe each source's val (results/multi/multi_table.*).
 
@@ -453,7 +454,8 @@ def write_results(runs: dict, args: argparse.Namespace, scale: int, work: Path, 
          "mined": mined, **({"carried": previous["carried"]} if carried else {})},
         indent=1))
     bars = bar_chart(table, evals, None, study.labels, "{} mIoU")
-    parts = [p for p in (bars, efficiency_plot(table, bars.width, study.evals, study.labels)) if p is not None]
+    parts = [p for p in (bars, efficiency_plot(table, bars.width, study.evals, study.labels))
+             if p is not None]
     png = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
     for k, part in enumerate(parts):
         png.paste(part, (0, sum(p.height for p in parts[:k])))

@@ -294,16 +294,19 @@ def test_choose_pretrain_rule(tmp_path: Path, monkeypatch, gain, chosen) -> None
 def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     """Per group of three evaluations: holds = at least two hold and none reversed; reversed the
     same way round; "changes nothing" = within noise on all three; a group not complete is not
-    read; a 1-seed verdict is marked; mining that never fired is said to leave the claim untested."""
+    read; a 1-seed verdict is marked; mining that never fired is said to leave the claim
+    untested."""
     def check(claim: str, target: str, verdict: str, diff: float = 5.0) -> dict:
         return dict(claim=claim, target=target, verdict=verdict, diff=diff, noise=1.25)
 
-    def verdicts(checks: list[dict], mined: dict[str, dict[int, float]]) -> str:  # without the differences
+    def verdicts(checks: list[dict], mined: dict[str, dict[int, float]]) -> str:
+        # without the differences
         return re.sub(r": [−+][^|]*?(?= \|)", "", real_study.verdicts_markdown(checks, mined))
     cam, src = protocols.CAMVID_EVALS, protocols.SOURCE_PROBES
     checks = ([check("A", t, v) for t, v in zip(cam, ["holds", "holds", "within seed noise"])]
               + [check("A", t, v) for t, v in zip(src, ["holds", "holds", "reversed"])]
-              + [check("B", t, v) for t, v in zip(cam, ["reversed (1 seed)"] * 2 + ["holds (1 seed)"])]
+              + [check("B", t, v)
+                 for t, v in zip(cam, ["reversed (1 seed)"] * 2 + ["holds (1 seed)"])]
               + [check("B", src[0], "holds")]
               + [check(protocols.NO_CHANGE, t, "within seed noise") for t in cam]
               + [check(protocols.NO_CHANGE, t, v) for t, v in zip(src, ["within seed noise"] * 2
@@ -332,9 +335,10 @@ def test_claim_verdicts_by_the_reading_rule_by_hand(tmp_path: Path) -> None:
     # (g)'s claim is read on (g)'s own mining, not on mdp_unlabelled's
     g = [check(protocols.MINING_G, t, "holds (1 seed)") for t in cam]
     both = {"mdp_unlabelled": {0: 0.5}, "mdp_learned_unlabelled": {0: 0.0}}
-    assert f"| {protocols.MINING_G} | not tested: mining did not fire (3 / 0 / 0) | — |" in verdicts(
-        checks + g, both)
-    assert f"| {protocols.MINING} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(checks + g, both)
+    assert (f"| {protocols.MINING_G} | not tested: mining did not fire (3 / 0 / 0) | — |"
+            in verdicts(checks + g, both))
+    assert (f"| {protocols.MINING} | holds (1 seed) (3 / 0 / 0) | — |"
+            in verdicts(checks + g, both))
     assert "mdp_learned_unlabelled: seed 0: 0.000; mining did not fire" in verdicts(g, both)
     assert f"| {protocols.MINING_G} | holds (1 seed) (3 / 0 / 0) | — |" in verdicts(
         g, {"mdp_learned_unlabelled": {0: 0.2}})

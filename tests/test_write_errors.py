@@ -174,7 +174,8 @@ def test_detectron2_export_that_fails_keeps_the_previous(tmp_path: Path, monkeyp
 
 
 def test_os_error_is_one_line_in_words(tmp_path: Path, capsys) -> None:
-    """An OSError raised by the OS (args: errno, words) reads as its file and words, not a number."""
+    """An OSError raised by the OS (args: errno, words) reads as its file and words, not as a
+    number."""
     one_error_line(cli_error(lambda: open(tmp_path / "missing.txt"), capsys),
                    f"error: {tmp_path / 'missing.txt'}: {os.strerror(errno.ENOENT)}")
 
