@@ -492,8 +492,8 @@ def mined_fractions(work: Path) -> dict[str, dict[int, float]]:
 
 def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> str:
     """The own-task diagnostic: one number per seed (one source), or per source the mean over
-    seeds of the own-task mIoU, the class-mean cosine and the backbone's effective rank (several
-    sources)."""
+    seeds of the own-task mIoU, the class-mean cosine, the prototypes' mean cosine (— for rows
+    without prototypes) and the backbone's effective rank (several sources)."""
     text = ("\nDiagnostic (`--own-task`): each pretraining checkpoint on its own task, val mIoU "
             "(tools/pretrain_eval.py: MDP by the nearest prototype, CE by its classifier)")
     if len(study.sources) == 1:
@@ -501,17 +501,24 @@ def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> 
         return text + "".join(f"| {study.labels[r]} | {', '.join(f'{v:.2f}' for v in by.values())}"
                               f" | {np.mean(list(by.values())):.2f} |\n" for r, by in own.items())
     names = [s.removeprefix("folder:") for s in study.sources]
-    text += (", the mean cosine between its classes' mean embeddings and the effective rank of its "
-             "2048-d backbone features (`--stats`), each the mean over seeds on the source's val:"
-             "\n\n| row | " + " | ".join(f"{n} own task / class-mean cos / backbone rank"
-                                      for n in names) + " |\n|---|" + "---:|" * len(names) + "\n")
+    text += (", the mean cosine between its classes' mean embeddings, the mean cosine between "
+             "its prototypes of the source's classes (the targets the contrast trained towards) "
+             "and the effective rank of its 2048-d backbone features (`--stats`), each the mean "
+             "over seeds on the source's val:\n\n| row | " + " | ".join(
+                 f"{n} own task / class-mean cos / prototype cos / backbone rank" for n in names)
+             + " |\n|---|" + "---:|" * len(names) + "\n")
     for r, by in own.items():
         cells = []
         for src in study.sources:
-            got = [v[src] for v in by.values() if src in v]
-            cells.append("—" if not got else f"{np.mean([g['mIoU'] for g in got]):.2f} / "
-                         f"{np.mean([g['stats']['class_mean_cos_mean'] for g in got]):.3f} / "
-                         f"{np.mean([g['stats']['backbone_effective_rank'] for g in got]):.0f}")
+            stats = [v[src]["stats"] for v in by.values() if src in v]
+            if not stats:
+                cells.append("—")
+                continue
+            proto = [s["prototype_cos_mean"] for s in stats if "prototype_cos_mean" in s]
+            cells.append(f"{np.mean([v[src]['mIoU'] for v in by.values() if src in v]):.2f} / "
+                         f"{np.mean([s['class_mean_cos_mean'] for s in stats]):.3f} / "
+                         f"{f'{np.mean(proto):.3f}' if proto else '—'} / "
+                         f"{np.mean([s['backbone_effective_rank'] for s in stats]):.0f}")
         text += f"| {study.labels[r]} | " + " | ".join(cells) + " |\n"
     return text
 

@@ -242,14 +242,18 @@ def test_multi_study_keeps_committed_seeds_and_never_reruns_them(tmp_path: Path,
 def test_multi_own_task_table_by_hand() -> None:
     study = protocols.make_study("multi", "folder:camvid")
     src = protocols.SOURCES
-    own = {"mdp": {s: {d: {"mIoU": 10.0 * (k + 1) + s,
-                           "stats": {"class_mean_cos_mean": 0.5 + s / 10,
-                                     "backbone_effective_rank": 100.0 * (k + 1) + 10 * s}}
-                       for k, d in enumerate(src)} for s in (0, 1)}}
+    own = {r: {s: {d: {"mIoU": 10.0 * (k + 1) + s,
+                       "stats": {"class_mean_cos_mean": 0.5 + s / 10,
+                                 "backbone_effective_rank": 100.0 * (k + 1) + 10 * s,
+                                 **({"prototype_cos_mean": 0.8 + s / 10} if r == "mdp" else {})}}
+                   for k, d in enumerate(src)} for s in (0, 1)} for r in ("mdp", "ce")}
     text = real_study.own_task_markdown(own, study)
-    # per source: the mean over seeds 0 and 1 of mIoU (10 + s, 20 + s, 30 + s), cos (0.5, 0.6)
-    # and backbone rank (100 + 10 s, 200 + 10 s, 300 + 10 s)
-    assert "| MDP | 10.50 / 0.550 / 105 | 20.50 / 0.550 / 205 | 30.50 / 0.550 / 305 |" in text
+    # per source: the mean over seeds 0 and 1 of mIoU (10 + s, 20 + s, 30 + s), class-mean cos
+    # (0.5, 0.6), prototype cos (0.8, 0.9; none for CE) and backbone rank (100 + 10 s, ...)
+    assert ("| MDP | 10.50 / 0.550 / 0.850 / 105 | 20.50 / 0.550 / 0.850 / 205 | "
+            "30.50 / 0.550 / 0.850 / 305 |") in text
+    assert ("| CE, 39 concatenated classes | 10.50 / 0.550 / — / 105 | 20.50 / 0.550 / — / 205 | "
+            "30.50 / 0.550 / — / 305 |") in text
 
 
 @pytest.mark.parametrize("learned_at, chosen", [(240, 240), (960, 960), (None, 960)])
