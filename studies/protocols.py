@@ -89,13 +89,12 @@ MULTI_ROWS: dict[str, list[tuple[list[str], list[str]]]] = {
                                           "--mine-threshold", "MINE_THRESHOLD"])],
     "mdp_embed_bn": [(SOURCES, ["--embed-norm", "bn"])],
     "mdp_centred": [(SOURCES, ["--prototypes", "centred"])],
-    # a control for (g), added after its third seed and before this row ran: (g)'s flags with the
-    # mined loss weighted 0, so CamVid's images still share every forward pass (and its batch-norm
-    # statistics) but teach nothing: is (g) below mdp_learned because of what it mines?
-    "mdp_learned_unlabelled_unmined": [(SOURCES, ["--prototypes", "learned", "--unlabelled",
-                                                  DOWNSTREAM, "--mine-threshold", "MINE_THRESHOLD",
-                                                  "--mine-weight", "0"])],
 }
+# a control for (g), added after its third seed and before this row ran: (g)'s flags with the
+# mined loss weighted 0, so CamVid's images still share every forward pass (and its batch-norm
+# statistics) but teach nothing: is (g) below mdp_learned because of what it mines?
+MULTI_ROWS["mdp_learned_unlabelled_unmined"] = [
+    (SOURCES, [*MULTI_ROWS["mdp_learned_unlabelled"][0][1], "--mine-weight", "0"])]
 # the rule `--choose mine` (results/multi/README.md): the lowest threshold whose pseudo-labels are
 # MINE_PRECISION correct on the sources' val, from mdp_learned's first checkpoint here; None until
 # it has run (the runner then refuses mdp_learned_unlabelled)

@@ -510,12 +510,13 @@ def own_task_markdown(own: dict[str, dict[int, float | dict]], study: Study) -> 
     for r, by in own.items():
         cells = []
         for src in study.sources:
-            stats = [v[src]["stats"] for v in by.values() if src in v]
-            if not stats:
+            got = [v[src] for v in by.values() if src in v]
+            if not got:
                 cells.append("—")
                 continue
+            stats = [g["stats"] for g in got]
             proto = [s["prototype_cos_mean"] for s in stats if "prototype_cos_mean" in s]
-            cells.append(f"{np.mean([v[src]['mIoU'] for v in by.values() if src in v]):.2f} / "
+            cells.append(f"{np.mean([g['mIoU'] for g in got]):.2f} / "
                          f"{np.mean([s['class_mean_cos_mean'] for s in stats]):.3f} / "
                          f"{f'{np.mean(proto):.3f}' if proto else '—'} / "
                          f"{np.mean([s['backbone_effective_rank'] for s in stats]):.0f}")
